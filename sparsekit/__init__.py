@@ -1,0 +1,39 @@
+"""sparsekit: train sparse Vision Transformers end to end (SViTE) and ship them smaller and faster.
+
+Public API (everything else is internal and may change)::
+
+    recipe = sparsekit.load_recipe("recipes/svite_small.yaml", ["training.epochs=3"])
+    session = sparsekit.Session.from_recipe(recipe, model, optimizer, steps_per_epoch=len(loader))
+"""
+
+from sparsekit.errors import RecipeError, SparsekitError
+from sparsekit.recipe import Recipe, dump_recipe, load_recipe
+
+__version__ = "0.1.0"
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "Session",
+    "SparsekitError",
+    "Timeline",
+    "compile_recipe",
+    "dump_recipe",
+    "load_recipe",
+]
+
+
+def __getattr__(name: str):
+    """Import the torch-side API lazily so `sparsekit recipe ...` starts without torch."""
+    if name == "Session":
+        from sparsekit.session import Session
+
+        return Session
+    if name == "compile_recipe":
+        from sparsekit.compiler import compile_recipe
+
+        return compile_recipe
+    if name == "Timeline":
+        from sparsekit.timeline import Timeline
+
+        return Timeline
+    raise AttributeError(f"module 'sparsekit' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Measurements of a model: sparsity and parameter counts."""

@@ -1,0 +1,22 @@
+"""The `sparsekit` command: a thin layer that wires the library's calls together."""
+
+from __future__ import annotations
+
+import typer
+
+from sparsekit.cli import apply as apply_cmd
+from sparsekit.cli import recipe as recipe_cmd
+
+app = typer.Typer(
+    name="sparsekit",
+    help="Train sparse Vision Transformers end to end (SViTE) from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("apply")(apply_cmd.apply)
+app.add_typer(recipe_cmd.app, name="recipe")
+
+
+def main() -> None:
+    app()

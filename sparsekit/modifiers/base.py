@@ -1,0 +1,72 @@
+"""The modifier lifecycle: the base class owns the order of events, subclasses write small hooks.
+
+A modifier is built from one validated phase config (pure data) plus its window in optimizer
+steps; runtime state (masks, accumulators) lives in the modifier and round-trips through
+`state_dict` so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel
+from torch import nn
+
+if TYPE_CHECKING:
+    from sparsekit.session import Session
+    from sparsekit.timeline import Timeline
+
+
+class Modifier:
+    """One recipe phase at run time, active on steps `[start_step, end_step)`."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, config: BaseModel, model: nn.Module, start_step: int, end_step: int):
+        self.config = config
+        self.model = model
+        self.start_step = start_step
+        self.end_step = end_step
+
+    @classmethod
+    def build(cls, config: Any, model: nn.Module, timeline: Timeline, seed: int) -> Modifier:
+        """Make the modifier for one phase; kinds that need more than a window override this."""
+        return cls(config, model, timeline.steps(config.start), timeline.steps(config.end))
+
+    @property
+    def label(self) -> str:
+        return getattr(self.config, "name", None) or self.kind
+
+    def active(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based) lies inside this modifier's window."""
+        return self.start_step <= step < self.end_step
+
+    # Event hooks; `session.step` is the 0-based index of the optimizer step being taken.
+    def on_batch_start(self, session: Session) -> None:
+        """Before the forward pass of a training batch."""
+
+    def before_optimizer_step(self, session: Session) -> None:
+        """Gradients are ready (and unscaled under AMP); the optimizer has not stepped yet."""
+
+    def after_optimizer_step(self, session: Session) -> None:
+        """The optimizer has stepped; `session.step` still names the step just taken."""
+
+    def on_epoch_end(self, session: Session) -> None:
+        """After the last batch of an epoch."""
+
+    def finalize(self, session: Session) -> None:
+        """Training is over; leave the model in its final state."""
+
+    def masks_owned(self) -> list[str]:
+        """Names of the parameters whose sparsity this modifier controls."""
+        return []
+
+    def masks(self) -> dict[str, Any]:
+        """Boolean keep-masks of the weights this modifier makes sparse, by parameter name."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""

@@ -1,0 +1,205 @@
+"""SViTE: unstructured dynamic sparse training (prune by magnitude, grow by gradient or at random).
+
+Invariants kept at every step, which the reference implementation does not all keep:
+- each layer holds exactly its budget of non-zero weights (grown == pruned per layer);
+- masked weights are exactly 0 after every optimizer step, and their gradients are zeroed
+  before it, so Adam moments and SGD momentum never accumulate there;
+- optimizer state at every inactive position is zeroed at each update, so a regrown weight
+  starts from 0 with fresh moments.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sparsekit.modifiers.base import Modifier
+from sparsekit.modifiers.registry import register
+from sparsekit.modifiers.schedules import decayed_fraction, is_update_step, next_update
+from sparsekit.recipe.schema import UnstructuredDSTPhase
+from sparsekit.surgery.masks import layer_budgets, random_scores, topk_mask
+from sparsekit.surgery.targets import Target, find_targets
+
+if TYPE_CHECKING:
+    from sparsekit.session import Session
+    from sparsekit.timeline import Timeline
+
+
+@register("unstructured_dst")
+class UnstructuredDST(Modifier):
+    """Masks appear at `start_step`, change every `update_every` steps until `end_step`, and stay
+    fixed until the run ends."""
+
+    config: UnstructuredDSTPhase
+
+    def __init__(
+        self,
+        config: UnstructuredDSTPhase,
+        model: nn.Module,
+        start_step: int,
+        end_step: int,
+        targets: list[Target],
+        update_every: int,
+        seed: int,
+    ):
+        super().__init__(config, model, start_step, end_step)
+        self.targets = targets
+        self.update_every = max(1, update_every)
+        self.seed = seed
+        self.budgets = layer_budgets(
+            [tuple(t.weight.shape) for t in targets], config.sparsity, config.distribution
+        )
+        self.initialized = False
+        self.updates_done = 0
+        self._masks: dict[str, torch.Tensor] = {}
+        self._pruned: dict[str, torch.Tensor] = {}  # ~mask, cached for in-place masked_fill_
+        self._grad_sum: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def build(
+        cls, config: UnstructuredDSTPhase, model: nn.Module, timeline: Timeline, seed: int
+    ) -> UnstructuredDST:
+        targets = find_targets(
+            model, list(config.targets.roles), config.targets.include, config.targets.exclude
+        )
+        return cls(
+            config,
+            model,
+            timeline.steps(config.start),
+            timeline.steps(config.end),
+            targets,
+            update_every=max(1, timeline.steps(config.update_every)),
+            seed=seed,
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def on_batch_start(self, session: Session) -> None:
+        if not self.initialized and session.step >= self.start_step:
+            self._initialize_masks(session.optimizer)
+
+    def before_optimizer_step(self, session: Session) -> None:
+        if not self.initialized:
+            return
+        upcoming = next_update(session.step + 1, self.start_step, self.end_step, self.update_every)
+        accumulate = (
+            self.config.grow == "gradient"
+            and upcoming is not None
+            and upcoming - (session.step + 1) < self.config.grow_accumulation
+        )
+        for t in self.targets:
+            grad = t.weight.grad
+            if grad is None:
+                continue
+            if accumulate:
+                acc = self._grad_sum.get(t.name)
+                self._grad_sum[t.name] = grad.detach().clone() if acc is None else acc.add_(grad)
+            grad.masked_fill_(self._pruned[t.name], 0.0)
+
+    def after_optimizer_step(self, session: Session) -> None:
+        if not self.initialized:
+            return
+        self._apply_masks()
+        count = session.step + 1
+        if is_update_step(count, self.start_step, self.end_step, self.update_every):
+            session.record(self, self._prune_and_grow(count, session.optimizer))
+
+    # --- masks -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _initialize_masks(self, optimizer: torch.optim.Optimizer | None) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        for t, budget in zip(self.targets, self.budgets, strict=True):
+            w = t.weight
+            if self.config.init == "magnitude":
+                scores = w.detach().abs()
+            else:
+                scores = random_scores(w.shape, generator).to(w.device)
+            self._set_mask(t.name, topk_mask(scores, budget))
+        self.initialized = True
+        self._apply_masks()
+        self._zero_optimizer_state(optimizer)
+
+    @torch.no_grad()
+    def _prune_and_grow(
+        self, count: int, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
+        progress = (count - self.start_step) / max(1, self.end_step - self.start_step)
+        fraction = decayed_fraction(self.config.update_fraction, progress, self.config.fraction_decay)
+        generator = torch.Generator().manual_seed(self.seed + 1 + self.updates_done)
+        moved = 0
+        for t in self.targets:
+            mask = self._masks[t.name]
+            active = int(mask.sum())
+            n_swap = min(math.ceil(fraction * active), active, mask.numel() - active)
+            if n_swap == 0:
+                continue
+            # Prune: keep the largest-magnitude active weights.
+            magnitude = torch.where(mask, t.weight.abs(), torch.full_like(t.weight, -1.0))
+            kept = topk_mask(magnitude, active - n_swap)
+            # Grow: among everything not kept (just-pruned positions compete on the score too).
+            if self.config.grow == "gradient":
+                grad = self._grad_sum.get(t.name)
+                score = grad.abs() if grad is not None else torch.zeros_like(t.weight)
+            else:
+                score = random_scores(t.weight.shape, generator).to(t.weight.device)
+            score = torch.where(kept, torch.full_like(score, -1.0), score)
+            grown = topk_mask(score, n_swap)
+            new_mask = kept | grown
+            moved += int((new_mask & ~mask).sum())
+            t.weight.masked_fill_(grown, 0.0)  # grown weights start at exactly 0
+            self._set_mask(t.name, new_mask)
+        self._grad_sum.clear()
+        self._apply_masks()
+        self._zero_optimizer_state(optimizer)
+        self.updates_done += 1
+        return {"step": count, "fraction": fraction, "regrown": moved}
+
+    def _set_mask(self, name: str, mask: torch.Tensor) -> None:
+        self._masks[name] = mask
+        self._pruned[name] = ~mask
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        for t in self.targets:
+            t.weight.masked_fill_(self._pruned[t.name], 0.0)
+
+    @torch.no_grad()
+    def _zero_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Zero every per-weight optimizer tensor (Adam moments, momentum) at inactive positions."""
+        if optimizer is None:
+            return
+        for t in self.targets:
+            state = optimizer.state.get(t.weight, {})
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == t.weight.shape:
+                    value.masked_fill_(self._pruned[t.name], 0.0)
+
+    # --- reporting and resume --------------------------------------------------------------
+    def masks_owned(self) -> list[str]:
+        return [f"{t.name}.weight" for t in self.targets]
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": mask for name, mask in self._masks.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initialized": self.initialized,
+            "updates_done": self.updates_done,
+            "masks": {k: v.cpu() for k, v in self._masks.items()},
+            "grad_sum": {k: v.cpu() for k, v in self._grad_sum.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = {t.name: t for t in self.targets}
+        if set(state["masks"]) - set(names):
+            raise ValueError(f"checkpoint masks name layers this model lacks: "
+                             f"{sorted(set(state['masks']) - set(names))[:3]}")
+        self.initialized = bool(state["initialized"])
+        self.updates_done = int(state["updates_done"])
+        for name, mask in state["masks"].items():
+            self._set_mask(name, mask.to(names[name].weight.device, torch.bool))
+        self._grad_sum = {
+            k: v.to(names[k].weight.device) for k, v in state.get("grad_sum", {}).items()
+        }

@@ -1,0 +1,98 @@
+"""Rules that span several fields of a recipe (windows, overlaps), checked after the schema.
+
+Each rule returns `(field path, message)` pairs so the loader can point at the YAML line.
+Spans given in steps can only be compared once the dataset size is known; the compiler checks
+those again in steps.
+"""
+
+from __future__ import annotations
+
+from sparsekit.recipe.schema import DenseWarmupPhase, Recipe, UnstructuredDSTPhase
+from sparsekit.recipe.span import Span
+
+Problem = tuple[tuple[str | int, ...], str]
+
+
+def check_recipe(recipe: Recipe) -> list[Problem]:
+    """All cross-field problems of a schema-valid recipe; empty when it is sound."""
+    return [*_check_windows(recipe), *_check_overlaps(recipe), *_check_schedule(recipe)]
+
+
+def _comparable(a: Span, b: Span, epochs: int) -> tuple[float, float] | None:
+    """Both spans in one unit (epochs, or steps when both are steps), else None."""
+    if a.unit == "steps" and b.unit == "steps":
+        return a.value, b.value
+    ea, eb = a.in_epochs(epochs), b.in_epochs(epochs)
+    return None if ea is None or eb is None else (ea, eb)
+
+
+def _check_windows(recipe: Recipe) -> list[Problem]:
+    epochs = recipe.training.epochs
+    problems: list[Problem] = []
+    for i, phase in enumerate(recipe.phases):
+        for field in ("start", "end"):
+            span: Span = getattr(phase, field)
+            value = span.in_epochs(epochs)
+            if value is not None and value > epochs + 1e-9:
+                problems.append(
+                    (
+                        ("phases", i, field),
+                        f"{field} is {span} but the run has {epochs} epochs; "
+                        "give it as a share of the run (e.g. '80%') so it follows --epochs",
+                    )
+                )
+        pair = _comparable(phase.start, phase.end, epochs)
+        if pair is not None and pair[1] <= pair[0]:
+            problems.append(
+                (("phases", i, "end"), f"end ({phase.end}) must come after start ({phase.start})")
+            )
+        if isinstance(phase, UnstructuredDSTPhase) and phase.update_every.value == 0:
+            problems.append((("phases", i, "update_every"), "update_every must be greater than 0"))
+    return problems
+
+
+def _check_overlaps(recipe: Recipe) -> list[Problem]:
+    """Dense warm-up must precede sparsity; two DST phases must not own the same weights."""
+    epochs = recipe.training.epochs
+    problems: list[Problem] = []
+    dst = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, UnstructuredDSTPhase)]
+    warmups = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, DenseWarmupPhase)]
+    for i, phase in dst:
+        for j, warm in warmups:
+            pair = _comparable(phase.start, warm.end, epochs)
+            if pair is not None and pair[0] < pair[1] - 1e-9:
+                problems.append(
+                    (
+                        ("phases", i, "start"),
+                        f"starts at {phase.start}, inside the dense warm-up phases[{j}] that ends "
+                        f"at {warm.end}; masks last until the run ends, so set start: {warm.end.to_yaml()!r}",
+                    )
+                )
+    for a in range(len(dst)):
+        for b in range(a + 1, len(dst)):
+            (i, p), (j, q) = dst[a], dst[b]
+            shared = sorted(set(p.targets.roles) & set(q.targets.roles))
+            patterns = p.targets.include or p.targets.exclude or q.targets.include or q.targets.exclude
+            if shared and not patterns:
+                problems.append(
+                    (
+                        ("phases", j, "targets", "roles"),
+                        f"phases[{i}] and phases[{j}] are both unstructured_dst on roles {shared}; "
+                        "masks last until the run ends, so they would act on the same weights at "
+                        "once: merge them, or split the weights with targets.include/exclude",
+                    )
+                )
+    return problems
+
+
+def _check_schedule(recipe: Recipe) -> list[Problem]:
+    warmup = recipe.training.schedule.warmup.in_epochs(recipe.training.epochs)
+    if warmup is not None and warmup > recipe.training.epochs:
+        return [
+            (
+                ("training", "schedule", "warmup"),
+                f"warm-up ({recipe.training.schedule.warmup}) is longer than the run "
+                f"({recipe.training.epochs} epochs)",
+            )
+        ]
+    return []

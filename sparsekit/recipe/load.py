@@ -1,0 +1,285 @@
+"""YAML -> Recipe, with command-line overrides and errors that point at the line to fix.
+
+Recipe files come from other teams and are untrusted: only `yaml.safe_load`-level constructs
+are read (no tags that build objects, no expression evaluation).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sparsekit.errors import RecipeError
+from sparsekit.recipe.checks import check_recipe
+from sparsekit.recipe.schema import Recipe
+
+_OVERRIDE_PATH = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|(\.)")
+Loc = tuple[str | int, ...]
+
+
+def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Args:
+        source: a YAML file path, or the recipe as a dict.
+        overrides: `path=value` strings such as `training.epochs=3` or `phases[1].sparsity=0.6`.
+
+    Raises:
+        RecipeError: naming every problem with its field path and YAML line.
+    """
+    if isinstance(source, dict):
+        data, lines, label = source, {}, "recipe"
+    else:
+        path = Path(source)
+        data, lines = _read_yaml(path)
+        label = str(path)
+    overridden: dict[Loc, str] = {}
+    for text in overrides or []:
+        loc, value = _parse_override(text)
+        _apply_override(data, loc, value, text)
+        overridden[loc] = text
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        problems = [_describe(e, data) for e in err.errors()]
+        raise RecipeError(_format(label, problems, lines, overridden)) from None
+    problems = check_recipe(recipe)
+    if problems:
+        raise RecipeError(_format(label, problems, lines, overridden))
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML with every default filled in (what a run actually used)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
+    """Parse a YAML mapping safely and record the line of every value by its field path."""
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file. Check the path, or list the shipped "
+                          "recipes in the recipes/ folder.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot read the recipe ({err}). Save it as UTF-8 text.") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = ""
+        mark = getattr(err, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(err, "problem", None) or str(err)
+        raise RecipeError(
+            f"{path}: not valid YAML{where}: {problem}. Recipes are plain YAML mappings; "
+            "tags such as !!python/object are refused."
+        ) from None
+    if node is None or data is None:
+        raise RecipeError(f"{path}: the recipe file is empty. A recipe needs at least `name:` "
+                          "and usually `training:` and `phases:`; see recipes/ for examples.")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping (key: value lines), "
+                          f"but the file holds a {type(data).__name__}.")
+    lines: dict[Loc, int] = {}
+    _index_lines(node, (), lines, path)
+    return data, lines
+
+
+def _index_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int], path: Path) -> None:
+    lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                raise RecipeError(
+                    f"{path}: key {key!r} appears twice in the same mapping (line "
+                    f"{key_node.start_mark.line + 1}); YAML would silently keep the last one. "
+                    "Remove one of them."
+                )
+            seen.add(key)
+            lines[(*loc, key)] = key_node.start_mark.line + 1
+            _index_lines(value_node, (*loc, key), lines, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(item, (*loc, i), lines, path)
+
+
+def _parse_override(text: str) -> tuple[Loc, Any]:
+    """`phases[1].sparsity=0.6` -> (("phases", 1, "sparsity"), 0.6); the value is read as YAML."""
+    path, sep, raw = text.partition("=")
+    bad = RecipeError(
+        f"--set {text!r}: expected PATH=VALUE, for example `--set training.epochs=3` or "
+        "`--set phases[1].sparsity=0.6`."
+    )
+    if not sep or not path.strip():
+        raise bad
+    loc: list[str | int] = []
+    pos, path = 0, path.strip()
+    expect_name = True
+    for match in _OVERRIDE_PATH.finditer(path):
+        if match.start() != pos:
+            raise bad
+        name, index, dot = match.groups()
+        if name is not None:
+            if not expect_name:
+                raise bad
+            loc.append(name)
+            expect_name = False
+        elif index is not None:
+            if expect_name:
+                raise bad
+            loc.append(int(index))
+        else:
+            if expect_name:
+                raise bad
+            expect_name = True
+        pos = match.end()
+    if pos != len(path) or expect_name:
+        raise bad
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return tuple(loc), value
+
+
+def _apply_override(data: dict, loc: Loc, value: Any, text: str) -> None:
+    target: Any = data
+    for depth, part in enumerate(loc[:-1]):
+        nxt = loc[depth + 1]
+        if isinstance(part, int):
+            if not isinstance(target, list) or part >= len(target):
+                size = len(target) if isinstance(target, list) else 0
+                raise RecipeError(
+                    f"--set {text!r}: {_loc_str(loc[: depth + 1])} does not exist; the recipe "
+                    f"has {size} item(s) there (indices start at 0)."
+                )
+            target = target[part]
+        else:
+            if not isinstance(target, dict):
+                raise RecipeError(f"--set {text!r}: {_loc_str(loc[:depth])} is not a mapping.")
+            if part not in target or target[part] is None:
+                target[part] = [] if isinstance(nxt, int) else {}
+            target = target[part]
+    last = loc[-1]
+    if isinstance(last, int):
+        if not isinstance(target, list) or last >= len(target):
+            raise RecipeError(f"--set {text!r}: {_loc_str(loc)} does not exist.")
+    elif not isinstance(target, dict):
+        raise RecipeError(f"--set {text!r}: {_loc_str(loc[:-1])} is not a mapping.")
+    target[last] = value
+
+
+def _describe(error: dict, data: dict) -> tuple[Loc, str]:
+    """One pydantic error as (field path in the file, message with allowed values and hints)."""
+    loc = _file_loc(tuple(error["loc"]), data)
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1], data)
+        hint = _closest(str(loc[-1]), allowed)
+        return loc, f"unknown key{hint}; allowed keys: {', '.join(allowed)}"
+    if kind == "missing":
+        return loc, "required field is missing"
+    got = f"; got {error['input']!r}" if "input" in error and not isinstance(
+        error["input"], (dict, list)) else ""
+    if kind in ("literal_error", "union_tag_invalid"):
+        ctx = error.get("ctx", {})
+        expected = re.findall(r"'([^']*)'", str(ctx.get("expected", ctx.get("expected_tags", ""))))
+        given = error.get("input") if kind == "literal_error" else ctx.get("tag")
+        hint = _closest(str(given), expected) if expected else ""
+        allowed = f"allowed values: {', '.join(expected)}" if expected else msg
+        return loc, f"{allowed}{got if kind == 'literal_error' else f'; got {given!r}'}{hint}"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    return loc, f"{msg}{got}"
+
+
+def _file_loc(loc: Loc, data: dict) -> Loc:
+    """Drop the union tags pydantic inserts (phases.1.unstructured_dst.x -> phases.1.x)."""
+    out: list[str | int] = []
+    node: Any = data
+    for part in loc:
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and (
+            node.get("kind") == part
+        ):
+            continue
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(out)
+
+
+def _allowed_keys(loc: Loc, data: dict) -> list[str]:
+    """Field names of the recipe model found at `loc` (following phase kinds)."""
+    model: Any = Recipe
+    node: Any = data
+    for part in loc:
+        node = node[part] if isinstance(node, (dict, list)) else None
+        if isinstance(part, int):
+            continue
+        model = _field_model(model, part, node)
+        if model is None:
+            return []
+    return list(model.model_fields) if model is not None else []
+
+
+def _field_model(model: type[BaseModel], field: str, node: Any) -> type[BaseModel] | None:
+    """The model class a field holds, unwrapping lists, optionals and the phase union."""
+    info = model.model_fields.get(field)
+    if info is None:
+        return None
+    candidates = [info.annotation]
+    while candidates:
+        tp = candidates.pop()
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            kind_field = tp.model_fields.get("kind")
+            kinds = typing.get_args(kind_field.annotation) if kind_field else ()
+            if not kinds or not isinstance(node, dict) or node.get("kind") in kinds:
+                return tp
+            continue
+        candidates.extend(typing.get_args(tp))
+    return None
+
+
+def _closest(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _loc_str(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "(top level)"
+
+
+def _format(label: str, problems: list, lines: dict[Loc, int], overridden: dict[Loc, str]) -> str:
+    parts = []
+    for loc, msg in problems:
+        where = ""
+        for cut in range(len(loc), -1, -1):
+            if loc[:cut] in overridden:
+                where = f" (from --set {overridden[loc[:cut]]})"
+                break
+            if loc[:cut] in lines:
+                where = f" (line {lines[loc[:cut]]})"
+                break
+        parts.append(f"  - {_loc_str(loc)}{where}: {msg}")
+    count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+    return (
+        f"{label}: invalid recipe, {count}:\n" + "\n".join(parts) + "\nFix the recipe and check "
+        "it with `sparsekit recipe validate FILE`; `sparsekit recipe schema` lists every field."
+    )

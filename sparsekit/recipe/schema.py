@@ -1,0 +1,120 @@
+"""The recipe format: validated, pure data (no torch), shared between teams like code.
+
+A recipe is a `training` section and a list of `phases`. Each phase is discriminated on its
+`kind`; new kinds are added by writing one more phase model and listing it in `Phase`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sparsekit.recipe.span import Span
+
+Role = Literal["qkv", "proj", "fc1", "fc2", "patch_embed", "head"]
+ROLES: tuple[str, ...] = Role.__args__
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Optimizer(_Strict):
+    """The optimizer: AdamW (the DeiT/SViTE default) or SGD with momentum."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(5e-4, gt=0, le=10, description="Peak learning rate, reached after warm-up.")
+    weight_decay: float = Field(0.05, ge=0, le=1)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = False
+
+
+class Schedule(_Strict):
+    """Learning rate: linear warm-up, then cosine decay to `min_lr` at the end of the run."""
+
+    kind: Literal["cosine"] = "cosine"
+    warmup: Span = Field(Span(5, "epochs"), description="Length of the linear warm-up.")
+    warmup_lr: float = Field(1e-6, ge=0, description="Learning rate at step 0.")
+    min_lr: float = Field(1e-5, ge=0, description="Learning rate at the last step.")
+
+
+class Training(_Strict):
+    """How the network is trained; phases only decide what is sparse and when."""
+
+    epochs: int = Field(300, gt=0, le=100_000)
+    batch_size: int = Field(512, gt=0, le=1_000_000, description="Global batch size.")
+    optimizer: Optimizer = Optimizer()
+    schedule: Schedule = Schedule()
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    drop_path: float = Field(0.1, ge=0, lt=1, description="Stochastic depth rate of the model.")
+    grad_clip: float | None = Field(None, gt=0, description="Max global gradient norm; off if null.")
+    seed: int = Field(0, ge=0, lt=2**32)
+
+
+class Targets(_Strict):
+    """Which weights a phase acts on: roles, narrowed by glob patterns over module names."""
+
+    roles: list[Role] = Field(
+        ["qkv", "proj", "fc1", "fc2"],
+        min_length=1,
+        description="Weight roles: qkv, proj, fc1, fc2, patch_embed, head.",
+    )
+    include: list[str] = Field([], description="Keep only modules matching one of these globs.")
+    exclude: list[str] = Field([], description="Drop modules matching one of these globs.")
+
+
+class _Phase(_Strict):
+    name: str | None = Field(None, description="Optional label shown in progress and tables.")
+    start: Span = Field(Span(0, "epochs"), description="When the phase begins.")
+    end: Span = Field(Span(1.0, "fraction"), description="When the phase ends.")
+
+
+class DenseWarmupPhase(_Phase):
+    """Dense training: no sparsity inside this window; sparse phases begin after it."""
+
+    kind: Literal["dense_warmup"]
+
+
+class UnstructuredDSTPhase(_Phase):
+    """SViTE: unstructured dynamic sparse training at a fixed parameter budget.
+
+    Masks appear at `start` and stay until the run ends; `end` is when prune-and-grow updates
+    stop (the paper stops them at 80% of the run).
+    """
+
+    kind: Literal["unstructured_dst"]
+    end: Span = Field(Span(0.8, "fraction"), description="When prune-and-grow updates stop.")
+    sparsity: float = Field(gt=0, lt=1, description="Share of target weights that are zero.")
+    distribution: Literal["erk", "uniform"] = "erk"
+    init: Literal["random", "magnitude"] = Field(
+        "random", description="How the first mask is chosen: random, or largest |w| (after warm-up)."
+    )
+    prune: Literal["magnitude"] = "magnitude"
+    grow: Literal["gradient", "random"] = Field(
+        "gradient", description="gradient: RigL (largest |dL/dw|); random: SET."
+    )
+    grow_accumulation: int = Field(
+        1, ge=1, le=10_000, description="Batches whose dense gradients are summed for growth."
+    )
+    update_every: Span = Field(Span(1, "epochs"), description="Time between prune/grow updates.")
+    update_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of active weights replaced at the first update."
+    )
+    fraction_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    targets: Targets = Targets()
+
+
+Phase = Annotated[DenseWarmupPhase | UnstructuredDSTPhase, Field(discriminator="kind")]
+PHASE_KINDS: tuple[str, ...] = ("dense_warmup", "unstructured_dst")
+
+
+class Recipe(_Strict):
+    """A sparse training recipe."""
+
+    version: Literal[1] = Field(1, description="Recipe format version.")
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    training: Training = Training()
+    phases: list[Phase] = Field([], description="What is sparse when; empty trains dense.")

@@ -1,0 +1,113 @@
+"""The session: drives modifiers through a training run from any loop, built-in or your own.
+
+Call the events in this order around each optimizer step::
+
+    session.batch_start()
+    loss.backward()
+    session.before_optimizer_step()   # after GradScaler.unscale_, before clipping
+    optimizer.step()
+    session.after_optimizer_step()
+
+and `session.epoch_end()` after each epoch, `session.finalize()` at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit.modifiers import Modifier
+from sparsekit.recipe.schema import Recipe
+from sparsekit.timeline import Timeline
+
+
+class Session:
+    """Owns the step counter and dispatches events to modifiers in recipe order."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        modifiers: list[Modifier],
+        timeline: Timeline,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.modifiers = modifiers
+        self.timeline = timeline
+        self.step = 0  # optimizer steps completed before the current one
+        self.epoch = 0
+        self.events: list[dict[str, Any]] = []  # prune/grow updates, drained by the caller
+
+    @classmethod
+    def from_recipe(
+        cls,
+        recipe: Recipe,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        steps_per_epoch: int,
+    ) -> Session:
+        """Compile `recipe` for `model` (unwrap DDP first) with the loader's length."""
+        from sparsekit.compiler import compile_recipe
+
+        timeline = Timeline(recipe.training.epochs, steps_per_epoch)
+        return cls(model, optimizer, compile_recipe(recipe, model, timeline), timeline)
+
+    # --- events ----------------------------------------------------------------------------
+    def batch_start(self) -> None:
+        for m in self.modifiers:
+            m.on_batch_start(self)
+
+    def before_optimizer_step(self) -> None:
+        for m in self.modifiers:
+            m.before_optimizer_step(self)
+
+    def after_optimizer_step(self) -> None:
+        for m in self.modifiers:
+            m.after_optimizer_step(self)
+        self.step += 1
+
+    def epoch_end(self) -> None:
+        for m in self.modifiers:
+            m.on_epoch_end(self)
+        self.epoch += 1
+
+    def finalize(self) -> None:
+        for m in self.modifiers:
+            m.finalize(self)
+
+    def record(self, modifier: Modifier, event: dict[str, Any]) -> None:
+        """Keep a modifier's event (e.g. a prune/grow update) for the trainer's metrics log."""
+        self.events.append({"phase": modifier.label, "kind": modifier.kind, **event})
+
+    # --- what is sparse now ----------------------------------------------------------------
+    def active_phases(self) -> list[str]:
+        """Labels of the phases whose window contains the current step."""
+        return [m.label for m in self.modifiers if m.active(self.step)]
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Keep-masks of every sparse parameter, by parameter name."""
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modifiers:
+            out.update(m.masks())
+        return out
+
+    # --- resume ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "modifiers": [{"kind": m.kind, "state": m.state_dict()} for m in self.modifiers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = [s["kind"] for s in state["modifiers"]]
+        mine = [m.kind for m in self.modifiers]
+        if saved != mine:
+            raise ValueError(f"the checkpoint was made by phases {saved}, this recipe has {mine}")
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        for m, s in zip(self.modifiers, state["modifiers"], strict=True):
+            m.load_state_dict(s["state"])

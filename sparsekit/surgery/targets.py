@@ -1,0 +1,99 @@
+"""Find the weights a phase acts on, by role, in a timm Vision Transformer.
+
+Roles name what a weight does (`qkv`, `proj`, `fc1`, `fc2`, `patch_embed`, `head`) so a recipe
+works on every model of the family without listing parameter names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from sparsekit.errors import SparsekitError
+
+# Where each role lives inside a block (or the model), in the attribute names timm uses.
+_BLOCK_ROLES: dict[str, tuple[str, ...]] = {
+    "qkv": ("attn.qkv", "attn.q", "attn.k", "attn.v", "attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "proj": ("attn.proj",),
+    "fc1": ("mlp.fc1", "mlp.fc1_g", "mlp.fc1_x"),
+    "fc2": ("mlp.fc2",),
+}
+_MODEL_ROLES: dict[str, tuple[str, ...]] = {
+    "patch_embed": ("patch_embed.proj",),
+    "head": ("head", "head_dist"),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight a phase acts on."""
+
+    name: str  # module name, e.g. "blocks.3.attn.qkv"
+    role: str
+    module: nn.Module
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse architectures whose layout sparsekit does not know, before touching them."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise SparsekitError(
+            f"{type(model).__name__} is not supported: sparsekit finds its targets in timm's "
+            "VisionTransformer family (vit_*, deit_*, deit3_*, eva-free ViTs). Pick a model from "
+            "`timm.list_models('vit_*')` or `timm.list_models('deit*')`."
+        )
+    for i, block in enumerate(model.blocks):
+        if not hasattr(block, "attn") or not hasattr(block, "mlp"):
+            raise SparsekitError(
+                f"block {i} of {type(model).__name__} ({type(block).__name__}) has no `attn` and "
+                "`mlp` children; this block type is not supported yet."
+            )
+
+
+def find_targets(
+    model: nn.Module,
+    roles: list[str],
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> list[Target]:
+    """Modules with a weight for each role, filtered by glob patterns over module names.
+
+    Raises:
+        SparsekitError: the architecture is unsupported, or nothing matches.
+    """
+    check_supported(model)
+    modules = dict(model.named_modules())
+    found: list[Target] = []
+    for role in roles:
+        if role in _BLOCK_ROLES:
+            paths = [
+                f"blocks.{i}.{suffix}"
+                for i in range(len(model.blocks))
+                for suffix in _BLOCK_ROLES[role]
+            ]
+        else:
+            paths = list(_MODEL_ROLES[role])
+        for path in paths:
+            module = modules.get(path)
+            if module is not None and isinstance(getattr(module, "weight", None), nn.Parameter):
+                found.append(Target(path, role, module))
+    if include:
+        found = [t for t in found if any(fnmatchcase(t.name, p) for p in include)]
+    if exclude:
+        found = [t for t in found if not any(fnmatchcase(t.name, p) for p in exclude)]
+    if not found:
+        raise SparsekitError(
+            f"no weights of {type(model).__name__} match roles {roles} with include={include or []} "
+            f"and exclude={exclude or []}. Module names look like 'blocks.0.attn.qkv' or "
+            "'blocks.11.mlp.fc2'; loosen the patterns."
+        )
+    order = {name: i for i, name in enumerate(modules)}
+    found.sort(key=lambda t: order[t.name])
+    return found

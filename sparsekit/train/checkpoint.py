@@ -1,0 +1,63 @@
+"""The run's checkpoint: everything needed to continue bit-for-bit, written atomically.
+
+Stored with `torch.save` but read back with `weights_only=True`, so loading a checkpoint can
+never run code: it holds only tensors, numbers, strings, lists, tuples and dicts.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsekit.atomic import atomic_path
+from sparsekit.errors import SparsekitError
+
+FORMAT = 1
+
+
+def capture_rng() -> dict[str, Any]:
+    """Generator states that dropout, drop-path and augmentation draw from."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` (plus the format number) so a crash never leaves a half-written file."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **payload}, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint without unpickling arbitrary objects.
+
+    Raises:
+        SparsekitError: missing, unreadable, or from another format version.
+    """
+    if not path.is_file():
+        raise SparsekitError(f"{path}: no checkpoint to resume from. Start the run without --resume.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for a damaged file
+        raise SparsekitError(
+            f"{path}: the checkpoint cannot be read ({str(err).splitlines()[0][:200]}). It may be "
+            "damaged; start the run again without --resume, in a new --output folder."
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise SparsekitError(
+            f"{path}: not a sparsekit checkpoint of format {FORMAT}; it was written by another "
+            "tool or version."
+        )
+    return payload

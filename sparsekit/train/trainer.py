@@ -1,0 +1,338 @@
+"""The built-in trainer: one readable loop that a recipe's session drives.
+
+The run folder holds `recipe.yaml` (the resolved recipe), `run.json` (model and data),
+`checkpoint.pt` (last epoch), `metrics.jsonl` (one line per epoch and per prune/grow update) and
+`summary.json` (final accuracy, sparsity and parameter counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from sparsekit.analysis.sparsity import global_sparsity, sparsity_report
+from sparsekit.atomic import write_text_atomic
+from sparsekit.compiler import compile_recipe
+from sparsekit.errors import SparsekitError
+from sparsekit.models import ModelSpec, create_model, resolve_model_name
+from sparsekit.modifiers.schedules import warmup_cosine_lr
+from sparsekit.recipe.load import dump_recipe
+from sparsekit.recipe.schema import Recipe, Training
+from sparsekit.session import Session
+from sparsekit.timeline import Timeline
+from sparsekit.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from sparsekit.train.data import build_data
+
+
+@dataclass
+class RunConfig:
+    """What `sparsekit apply` was asked to do, besides the recipe."""
+
+    model: str
+    data: str = "digits"
+    output: Path | None = None
+    img_size: int | None = None
+    patch_size: int | None = None
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    device: str = "auto"
+    workers: int = 0
+    resume: bool = False
+    stop_after_epoch: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dict[str, Any]:
+    """Train `run.model` under `recipe`; return the summary that is also written to disk."""
+    console = console or Console(stderr=True)
+    cfg = recipe.training
+    out = run.output or Path("runs") / f"{recipe.name}-{run.model}"
+    _check_output(out, run.resume)
+    device = _pick_device(run.device)
+    torch.manual_seed(cfg.seed)
+
+    # Data and model.
+    data = build_data(run.data, run.img_size, seed=cfg.seed)
+    spec = ModelSpec(
+        resolve_model_name(run.model),
+        {
+            "num_classes": data.num_classes,
+            "in_chans": data.in_chans,
+            "img_size": data.img_size,
+            **({"patch_size": run.patch_size or data.patch_size} if run.patch_size or data.patch_size else {}),
+            "drop_path_rate": cfg.drop_path,
+            **run.extra,
+        },
+    )
+    model = create_model(spec, run.pretrained, run.checkpoint).to(device)
+    sampler_gen = torch.Generator()
+    loader = DataLoader(
+        data.train, batch_size=cfg.batch_size, sampler=RandomSampler(data.train, generator=sampler_gen),
+        num_workers=run.workers, pin_memory=device.type == "cuda",
+    )
+    val_loader = DataLoader(data.val, batch_size=max(cfg.batch_size, 256), num_workers=run.workers)
+
+    # Optimizer, schedule and the recipe's session.
+    timeline = Timeline(cfg.epochs, len(loader))
+    optimizer = _make_optimizer(model, cfg)
+    warmup = timeline.steps(cfg.schedule.warmup)
+    base_lr = cfg.optimizer.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: warmup_cosine_lr(
+            s, timeline.total_steps, warmup, base_lr, cfg.schedule.warmup_lr, cfg.schedule.min_lr
+        ) / base_lr,
+    )
+    session = Session(model, optimizer, compile_recipe(recipe, model, timeline), timeline)
+    amp_dtype = _amp_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    # Run folder: resume from it, or start it.
+    start_epoch, elapsed = 0, 0.0
+    if run.resume:
+        start_epoch, elapsed = _resume(out, recipe, spec, model, optimizer, scheduler, scaler, session)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
+        write_text_atomic(out / "run.json", json.dumps(_run_record(spec, run, data.name), indent=2))
+        (out / "metrics.jsonl").write_text("")
+    last_epoch = min(cfg.epochs, run.stop_after_epoch or cfg.epochs)
+
+    started = time.perf_counter() - elapsed
+    with _progress(console) as progress:
+        for epoch in range(start_epoch, last_epoch):
+            # Train one epoch; the sampler's order depends only on (seed, epoch).
+            sampler_gen.manual_seed(cfg.seed * 100_003 + epoch)
+            model.train()
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="")
+            loss_sum = correct = seen = 0.0
+            for images, labels in loader:
+                images, labels = images.to(device, non_blocking=True), labels.to(device)
+                session.batch_start()
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(images)
+                    loss = criterion(logits, labels)
+                if not torch.isfinite(loss):
+                    raise SparsekitError(
+                        f"the loss became {loss.item()} at step {session.step} (epoch {epoch + 1}). "
+                        "Lower training.optimizer.lr or set training.grad_clip, then resume from "
+                        f"the last checkpoint with --resume (it holds epoch {epoch})."
+                    )
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                session.before_optimizer_step()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                session.after_optimizer_step()
+                scheduler.step()
+
+                loss_sum += loss.item() * len(labels)
+                correct += (logits.argmax(1) == labels).sum().item()
+                seen += len(labels)
+                progress.update(task, advance=1, info=(
+                    f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} sparsity {global_sparsity(session.masks()):.3f} "
+                    f"[{', '.join(session.active_phases()) or 'dense'}]"
+                ))
+            progress.remove_task(task)
+            session.epoch_end()
+
+            # Evaluate, log, checkpoint (metrics first: resume drops lines past the checkpoint).
+            val_loss, val_acc = evaluate(model, val_loader, device, amp_dtype)
+            metrics = {
+                "epoch": epoch + 1, "step": session.step, "train_loss": loss_sum / seen,
+                "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc,
+                "lr": scheduler.get_last_lr()[0], "sparsity": global_sparsity(session.masks()),
+                "time_s": time.perf_counter() - started,
+            }
+            _append_metrics(out, [*({"event": "update", "epoch": epoch + 1, **e} for e in session.events),
+                                  {"event": "epoch", **metrics}])
+            session.events.clear()
+            console.print(
+                f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.3f}  "
+                f"val acc {val_acc:.4f}  sparsity {metrics['sparsity']:.4f}"
+            )
+            save_checkpoint(out / "checkpoint.pt", {
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "session": session.state_dict(), "rng": capture_rng(), "elapsed_s": metrics["time_s"],
+            })
+
+    if last_epoch < cfg.epochs:
+        console.print(f"stopped after epoch {last_epoch} of {cfg.epochs}; continue with --resume.")
+        return {"stopped_at_epoch": last_epoch}
+    session.finalize()
+    summary = _summary(out, spec, data.name, model, session)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    console.print(summary_table(summary, out))
+    return summary
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
+) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy over `loader`."""
+    model.eval()
+    loss_sum = correct = seen = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return loss_sum / seen, correct / seen
+
+
+def summary_table(summary: dict[str, Any], out: Path) -> Table:
+    """The final table printed at the end of a run."""
+    table = Table(title=f"sparsekit run: {out}", show_header=False)
+    sp = summary["sparsity"]
+    rows = [
+        ("model", summary["model"]),
+        ("data", summary["data"]),
+        ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
+        ("val accuracy (final)", f"{summary['val_acc']:.4f}"),
+        ("val accuracy (best)", f"{summary['best_val_acc']:.4f}"),
+        ("sparsity of targets", f"{sp['global_sparsity']:.4f} ({sp['masked_kept']:,} of "
+                                f"{sp['masked_params']:,} kept)"),
+        ("non-zero parameters", f"{sp['nonzero_params']:,} of {sp['total_params']:,}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    return table
+
+
+def _check_output(out: Path, resume: bool) -> None:
+    has_run = (out / "checkpoint.pt").exists() or (out / "recipe.yaml").exists()
+    if has_run and not resume:
+        raise SparsekitError(
+            f"{out} already holds a run. Continue it with --resume, or choose another --output "
+            "folder (sparsekit never overwrites a run)."
+        )
+    if resume and not (out / "checkpoint.pt").exists():
+        raise SparsekitError(
+            f"--resume: {out} has no checkpoint.pt to continue from. Check --output, or start "
+            "the run without --resume."
+        )
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SparsekitError(f"--device {name}: no CUDA device is available here; use --device cpu.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SparsekitError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N].") from None
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _make_optimizer(model: nn.Module, cfg: Training) -> torch.optim.Optimizer:
+    """No weight decay on biases, norms, position embeddings and tokens (as DeiT)."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.optimizer.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    opt = cfg.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas)
+
+
+def _run_record(spec: ModelSpec, run: RunConfig, data_name: str) -> dict[str, Any]:
+    return {"model": asdict(spec), "data": data_name, "device": run.device}
+
+
+def _resume(out: Path, recipe: Recipe, spec: ModelSpec, model: nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+            session: Session) -> tuple[int, float]:
+    """Restore every piece of state from the run folder; return (epoch to continue from,
+    seconds trained so far)."""
+    saved_recipe = (out / "recipe.yaml").read_text(encoding="utf-8") if (out / "recipe.yaml").exists() else ""
+    if saved_recipe != dump_recipe(recipe):
+        raise SparsekitError(
+            f"--resume: {out}/recipe.yaml differs from the recipe given now (after --set and "
+            "--epochs). Resume with the same recipe and options, or start a new --output folder."
+        )
+    saved_model = json.loads((out / "run.json").read_text())["model"]
+    if saved_model != asdict(spec):
+        raise SparsekitError(
+            f"--resume: {out} was trained with model {saved_model}, not {asdict(spec)}. Use the "
+            "same --model, --data, --img-size and --patch-size."
+        )
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    session.load_state_dict(ckpt["session"])
+    restore_rng(ckpt["rng"])
+    epoch = int(ckpt["epoch"])
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
+    write_text_atomic(out / "metrics.jsonl", "".join(ln + "\n" for ln in kept))
+    return epoch, float(ckpt.get("elapsed_s", 0.0))
+
+
+def _append_metrics(out: Path, records: list[dict[str, Any]]) -> None:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def _summary(out: Path, spec: ModelSpec, data_name: str, model: nn.Module,
+             session: Session) -> dict[str, Any]:
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    last = epochs[-1] if epochs else {}
+    return {
+        "model": spec.name,
+        "model_kwargs": spec.kwargs,
+        "data": data_name,
+        "epochs": session.timeline.epochs,
+        "steps": session.step,
+        "val_acc": last.get("val_acc", math.nan),
+        "val_loss": last.get("val_loss", math.nan),
+        "best_val_acc": max((e["val_acc"] for e in epochs), default=math.nan),
+        "updates": sum(1 for r in records if r.get("event") == "update"),
+        "time_s": last.get("time_s", 0.0),
+        "sparsity": sparsity_report(model, session.masks()),
+    }
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"), console=console, transient=True,
+    )
