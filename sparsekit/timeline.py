@@ -15,6 +15,13 @@ class Timeline:
     epochs: int
     steps_per_epoch: int
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.steps_per_epoch < 1:
+            raise ValueError(
+                f"a run needs at least one epoch of at least one step, got {self.epochs} epochs "
+                f"of {self.steps_per_epoch} steps (is the data loader empty?)"
+            )
+
     @classmethod
     def for_dataset(cls, epochs: int, dataset_size: int, batch_size: int) -> Timeline:
         """Steps per epoch of a loader that keeps the last, smaller batch."""

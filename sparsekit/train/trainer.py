@@ -119,6 +119,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
             model.train()
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="")
             loss_sum = correct = seen = 0.0
+            sparsity, events_seen = 0.0, -1
             for images, labels in loader:
                 images, labels = images.to(device, non_blocking=True), labels.to(device)
                 session.batch_start()
@@ -145,9 +146,11 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
                 loss_sum += loss.item() * len(labels)
                 correct += (logits.argmax(1) == labels).sum().item()
                 seen += len(labels)
+                if events_seen != len(session.events):  # sparsity only changes at updates
+                    sparsity, events_seen = global_sparsity(session.masks()), len(session.events)
                 progress.update(task, advance=1, info=(
                     f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} sparsity {global_sparsity(session.masks()):.3f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} sparsity {sparsity:.3f} "
                     f"[{', '.join(session.active_phases()) or 'dense'}]"
                 ))
             progress.remove_task(task)
