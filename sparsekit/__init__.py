@@ -2,7 +2,7 @@
 
 Public API (everything else is internal and may change)::
 
-    recipe = sparsekit.load_recipe("recipes/svite_small.yaml", ["training.epochs=3"])
+    recipe = sparsekit.load_recipe("recipes/svite_small.yaml", ["training.epochs=30"])
     session = sparsekit.Session.from_recipe(recipe, model, optimizer, steps_per_epoch=len(loader))
 """
 

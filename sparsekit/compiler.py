@@ -27,7 +27,10 @@ def compile_recipe(recipe: Recipe, model: nn.Module, timeline: Timeline) -> list
     for index, phase in enumerate(recipe.phases):
         # Each phase draws from its own seed so adding a phase never changes another's masks.
         seed = zlib.crc32(f"{recipe.training.seed}:{index}".encode())
-        modifier = MODIFIERS[phase.kind].build(phase, model, timeline, seed)
+        try:
+            modifier = MODIFIERS[phase.kind].build(phase, model, timeline, seed)
+        except RecipeError as err:
+            raise RecipeError(f"phases[{index}] ({phase.kind}): {err}") from None
         if modifier.end_step <= modifier.start_step:
             raise RecipeError(
                 f"phases[{index}] ({phase.kind}): its window {phase.start} -> {phase.end} is "
@@ -35,11 +38,27 @@ def compile_recipe(recipe: Recipe, model: nn.Module, timeline: Timeline) -> list
                 f"{timeline.total_steps}); widen it or give it as a share of the run ('80%')."
             )
         modifiers.append(modifier)
-    _check_owned_weights(recipe, modifiers)
+    _check_owned_weights(modifiers)
+    _check_dense_windows(modifiers)
     return modifiers
 
 
-def _check_owned_weights(recipe: Recipe, modifiers: list[Modifier]) -> None:
+def _check_dense_windows(modifiers: list[Modifier]) -> None:
+    """No sparse phase may start inside a dense warm-up (checked again here in steps, since
+    the recipe checks cannot compare spans written in steps with spans in epochs)."""
+    for i, warm in enumerate(modifiers):
+        if warm.kind != "dense_warmup":
+            continue
+        for j, sparse in enumerate(modifiers):
+            if sparse.masks_owned() and sparse.start_step < warm.end_step:
+                raise RecipeError(
+                    f"phases[{j}] ({sparse.kind}) starts at step {sparse.start_step}, inside the "
+                    f"dense warm-up phases[{i}] that ends at step {warm.end_step}; set its start "
+                    f"to {warm.config.end.to_yaml()!r} or later."
+                )
+
+
+def _check_owned_weights(modifiers: list[Modifier]) -> None:
     owner: dict[str, int] = {}
     for index, modifier in enumerate(modifiers):
         for name in modifier.masks_owned():

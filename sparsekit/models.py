@@ -11,6 +11,9 @@ from torch import nn
 
 from sparsekit.errors import SparsekitError
 
+# timm modules whose models are (subclasses of) timm's VisionTransformer.
+SUPPORTED_FAMILIES = {"timm.models.vision_transformer", "timm.models.deit"}
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -59,9 +62,17 @@ def create_model(
         SparsekitError: weights cannot be fetched (offline), or the checkpoint does not fit.
     """
     import timm
+    from timm.models import model_entrypoint
 
     from sparsekit.surgery.targets import check_supported
 
+    family = model_entrypoint(spec.name).__module__
+    if family not in SUPPORTED_FAMILIES:
+        raise SparsekitError(
+            f"{spec.name} is not supported: it is built by {family}, and sparsekit finds its "
+            "targets in timm's VisionTransformer family (vit_*, deit_*, deit3_*). Pick a model "
+            "from `timm.list_models('vit_*')` or `timm.list_models('deit*')`."
+        )
     try:
         model = timm.create_model(spec.name, pretrained=pretrained, **spec.kwargs)
     except (OSError, RuntimeError, ValueError) as err:
@@ -71,7 +82,9 @@ def create_model(
                 "may be offline: download the weights elsewhere, save them as safetensors and pass "
                 "--checkpoint FILE.safetensors instead of --pretrained."
             ) from None
-        raise SparsekitError(f"cannot build {spec.name} with {spec.kwargs}: {_first_line(err)}") from None
+        raise SparsekitError(
+            f"cannot build {spec.name} with {spec.kwargs}: {_first_line(err)}"
+        ) from None
     except TypeError as err:
         raise SparsekitError(
             f"{spec.name} does not accept these settings {spec.kwargs}: {_first_line(err)}"
@@ -97,7 +110,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise SparsekitError(f"{path}: not a readable safetensors file ({_first_line(err)}).") from None
+        raise SparsekitError(
+            f"{path}: not a readable safetensors file ({_first_line(err)})."
+        ) from None
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

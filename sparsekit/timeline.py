@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sparsekit.errors import SparsekitError
 from sparsekit.recipe.span import Span
 
 
@@ -17,7 +18,7 @@ class Timeline:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.steps_per_epoch < 1:
-            raise ValueError(
+            raise SparsekitError(
                 f"a run needs at least one epoch of at least one step, got {self.epochs} epochs "
                 f"of {self.steps_per_epoch} steps (is the data loader empty?)"
             )

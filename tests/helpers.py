@@ -17,5 +17,7 @@ def dst_recipe(**phase) -> dict:
     return {
         "name": "test",
         "training": {"epochs": 4, "batch_size": 16, "schedule": {"warmup": 0}},
-        "phases": [{"kind": "unstructured_dst", "sparsity": 0.6, "update_every": "2 steps", **phase}],
+        "phases": [
+            {"kind": "unstructured_dst", "sparsity": 0.6, "update_every": "2 steps", **phase}
+        ],
     }

@@ -66,25 +66,47 @@ def test_good_recipe_fills_defaults(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         # unknown key, with the closest key suggested and the line named
-        (GOOD.replace("  epochs: 10", "  epochz: 10"), ["training.epochz (line 4)", "did you mean 'epochs'"]),
+        (
+            GOOD.replace("  epochs: 10", "  epochz: 10"),
+            ["training.epochz (line 4)", "did you mean 'epochs'"],
+        ),
         # wrong type
         (GOOD.replace("epochs: 10", "epochs: ten"), ["training.epochs (line 4)", "integer"]),
         # negative sparsity
-        (GOOD.replace("sparsity: 0.5", "sparsity: -0.2"), ["phases[0].sparsity (line 7)", "greater than 0"]),
+        (
+            GOOD.replace("sparsity: 0.5", "sparsity: -0.2"),
+            ["phases[0].sparsity (line 7)", "greater than 0"],
+        ),
         # window end before start
         (GOOD + "    start: 5\n    end: 2\n", ["phases[0].end (line 9)", "must come after start"]),
         # unknown kind, with allowed values and a suggestion
-        (GOOD.replace("unstructured_dst", "unstructured_dts"),
-         ["phases[0] (line 6)", "allowed values: dense_warmup, unstructured_dst", "did you mean 'unstructured_dst'"]),
+        (
+            GOOD.replace("unstructured_dst", "unstructured_dts"),
+            [
+                "phases[0] (line 6)",
+                "allowed values: dense_warmup, unstructured_dst",
+                "did you mean 'unstructured_dst'",
+            ],
+        ),
         # unknown target role
-        (GOOD + "    targets:\n      roles: [qkv, fc3]\n",
-         ["phases[0].targets.roles[1] (line 9)", "allowed values: qkv, proj", "did you mean 'fc2'"]),
+        (
+            GOOD + "    targets:\n      roles: [qkv, fc3]\n",
+            [
+                "phases[0].targets.roles[1] (line 9)",
+                "allowed values: qkv, proj",
+                "did you mean 'fc2'",
+            ],
+        ),
         # bad literal value
-        (GOOD.replace("    sparsity: 0.5", "    sparsity: 0.5\n    distribution: erdos"),
-         ["phases[0].distribution (line 8)", "allowed values: erk, uniform"]),
+        (
+            GOOD.replace("    sparsity: 0.5", "    sparsity: 0.5\n    distribution: erdos"),
+            ["phases[0].distribution (line 8)", "allowed values: erk, uniform"],
+        ),
         # two DST phases on the same weights
-        (GOOD + "  - kind: unstructured_dst\n    sparsity: 0.3\n",
-         ["phases[1].targets.roles", "both unstructured_dst"]),
+        (
+            GOOD + "  - kind: unstructured_dst\n    sparsity: 0.3\n",
+            ["phases[1].targets.roles", "both unstructured_dst"],
+        ),
         # sparse phase inside a dense warm-up
         (GOOD + "  - kind: dense_warmup\n    end: 3\n", ["phases[0].start", "dense warm-up"]),
         # a window past the end of the run
@@ -114,13 +136,21 @@ def test_bad_recipes_explain_themselves(tmp_path: Path, text: str, expected: lis
 def test_several_problems_reported_at_once(tmp_path: Path) -> None:
     text = GOOD.replace("epochs: 10", "epochs: -1").replace("sparsity: 0.5", "sparsity: 2")
     message = error_of(tmp_path, text)
-    assert "2 problems" in message and "training.epochs" in message and "phases[0].sparsity" in message
+    assert (
+        "2 problems" in message and "training.epochs" in message and "phases[0].sparsity" in message
+    )
 
 
 def test_overrides_apply_and_validate(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD)
     recipe = load_recipe(
-        path, ["training.epochs=3", "training.schedule.warmup=1", "phases[0].sparsity=0.6", "phases[0].end=50%"]
+        path,
+        [
+            "training.epochs=3",
+            "training.schedule.warmup=1",
+            "phases[0].sparsity=0.6",
+            "phases[0].end=50%",
+        ],
     )
     assert recipe.training.epochs == 3
     assert recipe.phases[0].sparsity == 0.6 and recipe.phases[0].end == Span(0.5, "fraction")
@@ -160,7 +190,9 @@ def test_span_spellings(raw, span: Span) -> None:
     assert Span.parse(span.to_yaml()) == span
 
 
-@pytest.mark.parametrize("raw", [-1, float("nan"), float("inf"), True, "150%", "1.5 steps", "soon", None])
+@pytest.mark.parametrize(
+    "raw", [-1, float("nan"), float("inf"), True, "150%", "1.5 steps", "soon", None]
+)
 def test_span_rejects(raw) -> None:
     with pytest.raises(ValueError):
         Span.parse(raw)

@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import dst_recipe, tiny_vit
 
 from sparsekit import Session, load_recipe
 from sparsekit.modifiers.schedules import decayed_fraction, is_update_step, next_update
 from sparsekit.modifiers.unstructured_dst import UnstructuredDST
-
-from helpers import dst_recipe, tiny_vit
 
 
 def run_steps(recipe: dict, steps: int, optimizer_name: str = "adamw", check=None, seed: int = 0):
@@ -25,7 +24,9 @@ def run_steps(recipe: dict, steps: int, optimizer_name: str = "adamw", check=Non
         if optimizer_name == "adamw"
         else torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.05)
     )
-    session = Session.from_recipe(load_recipe(recipe), model, optimizer, steps_per_epoch=max(1, steps // 4))
+    session = Session.from_recipe(
+        load_recipe(recipe), model, optimizer, steps_per_epoch=max(1, steps // 4)
+    )
     dst = next(m for m in session.modifiers if isinstance(m, UnstructuredDST))
     for _ in range(steps):
         x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -70,7 +71,9 @@ def test_invariants_hold_after_every_step(optimizer_name: str, grow: str) -> Non
     kept = sum(dst.budgets)
     total = sum(t.weight.numel() for t in dst.targets)
     assert kept == round(0.4 * total)
-    assert [e["step"] for e in session.events] == [2, 4, 6, 8, 10, 12, 14]
+    updates = [e["step"] for e in session.events if e["event"] == "mask_update"]
+    assert updates == [2, 4, 6, 8, 10, 12, 14]
+    assert [e["step"] for e in session.events if e["event"] == "mask_init"] == [0]
 
 
 def test_grown_weights_start_at_exactly_zero() -> None:
@@ -97,8 +100,15 @@ def test_gradient_growth_picks_largest_gradients() -> None:
     torch.manual_seed(0)
     model = tiny_vit()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: weights stay, only masks move
-    recipe = load_recipe(dst_recipe(update_every="1 steps", end="100%", fraction_decay="constant",
-                                    update_fraction=0.25, targets={"roles": ["fc1"]}))
+    recipe = load_recipe(
+        dst_recipe(
+            update_every="1 steps",
+            end="100%",
+            fraction_decay="constant",
+            update_fraction=0.25,
+            targets={"roles": ["fc1"]},
+        )
+    )
     session = Session.from_recipe(recipe, model, optimizer, steps_per_epoch=10)
     dst = session.modifiers[0]
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -132,8 +142,14 @@ def test_optimizer_state_zeroed_at_pruned_positions_after_dense_warmup() -> None
         "training": {"epochs": 4, "schedule": {"warmup": 0}},
         "phases": [
             {"kind": "dense_warmup", "end": 1},
-            {"kind": "unstructured_dst", "start": 1, "sparsity": 0.5, "init": "magnitude",
-             "update_every": "1 steps", "end": "100%"},
+            {
+                "kind": "unstructured_dst",
+                "start": 1,
+                "sparsity": 0.5,
+                "init": "magnitude",
+                "update_every": "1 steps",
+                "end": "100%",
+            },
         ],
     }
     states = {}
@@ -141,7 +157,9 @@ def test_optimizer_state_zeroed_at_pruned_positions_after_dense_warmup() -> None
     def check(session, dst, optimizer):
         if not dst.initialized:
             t = dst.targets[0]
-            assert torch.count_nonzero(optimizer.state[t.weight]["exp_avg"]) > 0.9 * t.weight.numel()
+            assert (
+                torch.count_nonzero(optimizer.state[t.weight]["exp_avg"]) > 0.9 * t.weight.numel()
+            )
             return
         for t in dst.targets:
             mask = dst.masks()[f"{t.name}.weight"]
@@ -157,8 +175,10 @@ def test_dense_warmup_keeps_model_dense_until_its_end() -> None:
     recipe = {
         "name": "t",
         "training": {"epochs": 4, "schedule": {"warmup": 0}},
-        "phases": [{"kind": "dense_warmup", "end": 2},
-                   {"kind": "unstructured_dst", "start": 2, "sparsity": 0.5}],
+        "phases": [
+            {"kind": "dense_warmup", "end": 2},
+            {"kind": "unstructured_dst", "start": 2, "sparsity": 0.5},
+        ],
     }
     first_sparse = []
 

@@ -1,6 +1,6 @@
 """Train a tiny sparse ViT with your own loop, driven by a sparsekit recipe.
 
-Runs in seconds on a CPU: python docs/examples/own_loop.py
+Runs in under a minute on a CPU: python docs/examples/own_loop.py
 """
 
 import timm
@@ -28,10 +28,10 @@ recipe = sparsekit.load_recipe(
             {"kind": "dense_warmup", "end": "25%"},
             {
                 "kind": "unstructured_dst",
-                "start": "25%",           # masks appear here ...
-                "end": "75%",             # ... prune/grow stops here; masks stay to the end
+                "start": "25%",  # masks appear here ...
+                "end": "75%",  # ... prune/grow stops here; masks stay to the end
                 "sparsity": 0.8,
-                "init": "magnitude",      # first mask: largest warmed-up weights
+                "init": "magnitude",  # first mask: largest warmed-up weights
                 "update_every": "2 steps",
                 "grow_accumulation": 2,
             },
@@ -62,32 +62,40 @@ for epoch in range(cfg.epochs):
     model.train()
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        session.batch_start()                    # masks appear when their phase starts
+        session.batch_start()  # masks appear when their phase starts
         with torch.autocast(device, dtype=torch.float16, enabled=use_fp16):
             loss = criterion(train_model(x), y)
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)               # real gradients before the session sees them
-        session.before_optimizer_step()          # collect growth gradients, zero masked grads
+        scaler.unscale_(optimizer)  # real gradients before the session sees them
+        session.before_optimizer_step()  # collect growth gradients, zero masked grads
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # clip after the session
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        session.after_optimizer_step()           # re-apply masks; prune/grow on update steps
+        session.after_optimizer_step()  # re-apply masks; prune/grow on update steps
     session.epoch_end()
-    for event in session.events:                 # prune/grow updates since the last drain
-        print(f"  update at step {event['step']}: fraction {event['fraction']:.3f}, "
-              f"{event['regrown']} weights regrown")
+    for event in session.events:  # mask_init and mask_update events since the last drain
+        if event["event"] != "mask_update":
+            continue
+        print(
+            f"  update at step {event['step']}: fraction {event['fraction']:.3f}, "
+            f"{event['regrown']} weights regrown"
+        )
     session.events.clear()
     masks = session.masks()
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
-    print(f"epoch {epoch + 1}: loss {loss.item():.3f}, step {session.step}, "
-          f"sparsity of targets {1 - kept / total:.4f}")
+    print(
+        f"epoch {epoch + 1}: loss {loss.item():.3f}, step {session.step}, "
+        f"sparsity of targets {1 - kept / total:.4f}"
+    )
 session.finalize()
 
 # 4. Check what the recipe promised: exact sparsity, and masked weights exactly zero.
 params = dict(model.named_parameters())
 for name, mask in session.masks().items():
     assert torch.count_nonzero(params[name][~mask]) == 0, name
-print(f"{len(masks)} sparse weights, {kept:,} of {total:,} kept "
-      f"({1 - kept / total:.4f} sparse, asked for {recipe.phases[1].sparsity})")
+print(
+    f"{len(masks)} sparse weights, {kept:,} of {total:,} kept "
+    f"({1 - kept / total:.4f} sparse, asked for {recipe.phases[1].sparsity})"
+)

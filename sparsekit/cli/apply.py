@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 
 from sparsekit.cli.errors import reports_errors
+from sparsekit.errors import SparsekitError
 from sparsekit.recipe.load import load_recipe
 
 
@@ -26,9 +28,28 @@ def overrides_from(
     return out
 
 
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings as timm keyword arguments, values read as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise SparsekitError(
+                f"--model-arg {item!r}: expected KEY=VALUE with a timm argument name, "
+                "for example --model-arg depth=6 or --model-arg qk_norm=true."
+            )
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a recipe field: training.epochs=3, phases[1].sparsity=0.6."),
+    typer.Option(
+        "--set", help="Override a recipe field: training.epochs=3, phases[1].sparsity=0.6."
+    ),
 ]
 EpochsOption = Annotated[int | None, typer.Option(help="Shortcut for --set training.epochs=N.")]
 BatchOption = Annotated[int | None, typer.Option(help="Shortcut for --set training.batch_size=N.")]
@@ -55,6 +76,10 @@ def apply(
     patch_size: Annotated[
         int | None, typer.Option(help="Patch size (default: the data's, 4 for digits).")
     ] = None,
+    model_arg: Annotated[
+        list[str] | None,
+        typer.Option("--model-arg", help="Extra timm model argument KEY=VALUE, e.g. depth=6."),
+    ] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights.")] = False,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Start from local weights (.safetensors).")
@@ -63,7 +88,8 @@ def apply(
     workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output.")] = False,
     stop_after_epoch: Annotated[
-        int | None, typer.Option(help="Stop (checkpointed) after this epoch; continue with --resume.")
+        int | None,
+        typer.Option(help="Stop (checkpointed) after this epoch; continue with --resume."),
     ] = None,
 ) -> None:
     """Train MODEL under RECIPE: dense warm-up and sparse phases as the recipe declares."""
@@ -71,8 +97,17 @@ def apply(
 
     loaded = load_recipe(recipe, overrides_from(set_, epochs, batch_size, lr))
     run = RunConfig(
-        model=model, data=data, output=output, img_size=img_size, patch_size=patch_size,
-        pretrained=pretrained, checkpoint=checkpoint, device=device, workers=workers,
-        resume=resume, stop_after_epoch=stop_after_epoch,
+        model=model,
+        data=data,
+        output=output,
+        img_size=img_size,
+        patch_size=patch_size,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        device=device,
+        workers=workers,
+        resume=resume,
+        stop_after_epoch=stop_after_epoch,
+        extra=parse_model_args(model_arg),
     )
     train(loaded, run, Console())

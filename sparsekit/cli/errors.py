@@ -27,8 +27,8 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             stderr.print(
-                "interrupted: the checkpoint of the last completed epoch is intact; continue "
-                "with the same command plus --resume."
+                "interrupted. Nothing half-written is left behind; a training run continues "
+                "from its last completed epoch with the same command plus --resume."
             )
             raise typer.Exit(130) from None
 

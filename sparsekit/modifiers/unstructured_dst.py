@@ -78,9 +78,14 @@ class UnstructuredDST(Modifier):
         )
 
     # --- lifecycle -------------------------------------------------------------------------
+    def active(self, step: int) -> bool:
+        """Acting on the model from `start_step` on: masks outlive the update window."""
+        return step >= self.start_step
+
     def on_batch_start(self, session: Session) -> None:
         if not self.initialized and session.step >= self.start_step:
             self._initialize_masks(session.optimizer)
+            session.record(self, {"event": "mask_init", "step": session.step})
 
     def before_optimizer_step(self, session: Session) -> None:
         if not self.initialized:
@@ -121,16 +126,19 @@ class UnstructuredDST(Modifier):
             self._set_mask(t.name, topk_mask(scores, budget))
         self.initialized = True
         self._apply_masks()
-        self._zero_optimizer_state(optimizer)
+        self._zero_optimizer_state(optimizer, {n: ~m for n, m in self._masks.items()})
 
     @torch.no_grad()
     def _prune_and_grow(
         self, count: int, optimizer: torch.optim.Optimizer | None
     ) -> dict[str, Any]:
         progress = (count - self.start_step) / max(1, self.end_step - self.start_step)
-        fraction = decayed_fraction(self.config.update_fraction, progress, self.config.fraction_decay)
+        fraction = decayed_fraction(
+            self.config.update_fraction, progress, self.config.fraction_decay
+        )
         generator = torch.Generator().manual_seed(self.seed + 1 + self.updates_done)
         moved = 0
+        reset: dict[str, torch.Tensor] = {}  # positions whose optimizer state starts afresh
         for t in self.targets:
             mask = self._masks[t.name]
             active = int(mask.sum())
@@ -149,14 +157,17 @@ class UnstructuredDST(Modifier):
             score = torch.where(kept, torch.full_like(score, -1.0), score)
             grown = topk_mask(score, n_swap)
             new_mask = kept | grown
-            moved += int((new_mask & ~mask).sum())
-            t.weight.masked_fill_(grown, 0.0)  # grown weights start at exactly 0
+            moved += int(grown.sum())
+            # Grown weights (including any just-pruned one that won back its place) restart
+            # from exactly 0 with fresh optimizer state.
+            t.weight.masked_fill_(grown, 0.0)
             self._set_mask(t.name, new_mask)
+            reset[t.name] = ~kept
         self._grad_sum.clear()
         self._apply_masks()
-        self._zero_optimizer_state(optimizer)
+        self._zero_optimizer_state(optimizer, reset)
         self.updates_done += 1
-        return {"step": count, "fraction": fraction, "regrown": moved}
+        return {"event": "mask_update", "step": count, "fraction": fraction, "regrown": moved}
 
     def _set_mask(self, name: str, mask: torch.Tensor) -> None:
         self._masks[name] = mask
@@ -169,15 +180,19 @@ class UnstructuredDST(Modifier):
             t.weight.mul_(self._keep[t.name])
 
     @torch.no_grad()
-    def _zero_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Zero every per-weight optimizer tensor (Adam moments, momentum) at inactive positions."""
+    def _zero_optimizer_state(
+        self, optimizer: torch.optim.Optimizer | None, positions: dict[str, torch.Tensor]
+    ) -> None:
+        """Zero every per-weight optimizer tensor (Adam moments, momentum) at `positions`."""
         if optimizer is None:
             return
         for t in self.targets:
+            if t.name not in positions:
+                continue
             state = optimizer.state.get(t.weight, {})
             for value in state.values():
                 if torch.is_tensor(value) and value.shape == t.weight.shape:
-                    value.masked_fill_(~self._masks[t.name], 0.0)
+                    value.masked_fill_(positions[t.name], 0.0)
 
     # --- reporting and resume --------------------------------------------------------------
     def masks_owned(self) -> list[str]:
@@ -197,8 +212,10 @@ class UnstructuredDST(Modifier):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = {t.name: t for t in self.targets}
         if set(state["masks"]) - set(names):
-            raise ValueError(f"checkpoint masks name layers this model lacks: "
-                             f"{sorted(set(state['masks']) - set(names))[:3]}")
+            raise ValueError(
+                f"checkpoint masks name layers this model lacks: "
+                f"{sorted(set(state['masks']) - set(names))[:3]}"
+            )
         self.initialized = bool(state["initialized"])
         self.updates_done = int(state["updates_done"])
         for name, mask in state["masks"].items():

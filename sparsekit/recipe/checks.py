@@ -72,7 +72,9 @@ def _check_overlaps(recipe: Recipe) -> list[Problem]:
         for b in range(a + 1, len(dst)):
             (i, p), (j, q) = dst[a], dst[b]
             shared = sorted(set(p.targets.roles) & set(q.targets.roles))
-            patterns = p.targets.include or p.targets.exclude or q.targets.include or q.targets.exclude
+            patterns = (
+                p.targets.include or p.targets.exclude or q.targets.include or q.targets.exclude
+            )
             if shared and not patterns:
                 problems.append(
                     (

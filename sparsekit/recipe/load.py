@@ -6,6 +6,7 @@ are read (no tags that build objects, no expression evaluation).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import typing
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from sparsekit.errors import RecipeError
 from sparsekit.recipe.checks import check_recipe
-from sparsekit.recipe.schema import Recipe
+from sparsekit.recipe.schema import PHASE_KINDS, Recipe
 
 _OVERRIDE_PATH = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|(\.)")
 Loc = tuple[str | int, ...]
@@ -34,7 +35,7 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -
         RecipeError: naming every problem with its field path and YAML line.
     """
     if isinstance(source, dict):
-        data, lines, label = source, {}, "recipe"
+        data, lines, label = copy.deepcopy(source), {}, "recipe"
     else:
         path = Path(source)
         data, lines = _read_yaml(path)
@@ -63,12 +64,16 @@ def dump_recipe(recipe: Recipe) -> str:
 def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
     """Parse a YAML mapping safely and record the line of every value by its field path."""
     if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file. Check the path, or list the shipped "
-                          "recipes in the recipes/ folder.")
+        raise RecipeError(
+            f"{path}: no such recipe file. Check the path, or list the shipped "
+            "recipes in the recipes/ folder."
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"{path}: cannot read the recipe ({err}). Save it as UTF-8 text.") from None
+        raise RecipeError(
+            f"{path}: cannot read the recipe ({err}). Save it as UTF-8 text."
+        ) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -83,11 +88,15 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
             "tags such as !!python/object are refused."
         ) from None
     if node is None or data is None:
-        raise RecipeError(f"{path}: the recipe file is empty. A recipe needs at least `name:` "
-                          "and usually `training:` and `phases:`; see recipes/ for examples.")
+        raise RecipeError(
+            f"{path}: the recipe file is empty. A recipe needs at least `name:` "
+            "and usually `training:` and `phases:`; see recipes/ for examples."
+        )
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping (key: value lines), "
-                          f"but the file holds a {type(data).__name__}.")
+        raise RecipeError(
+            f"{path}: a recipe must be a YAML mapping (key: value lines), "
+            f"but the file holds a {type(data).__name__}."
+        )
     lines: dict[Loc, int] = {}
     _index_lines(node, (), lines, path)
     return data, lines
@@ -189,8 +198,13 @@ def _describe(error: dict, data: dict) -> tuple[Loc, str]:
         return loc, f"unknown key{hint}; allowed keys: {', '.join(allowed)}"
     if kind == "missing":
         return loc, "required field is missing"
-    got = f"; got {error['input']!r}" if "input" in error and not isinstance(
-        error["input"], (dict, list)) else ""
+    if kind == "union_tag_not_found":
+        return loc, f"this phase has no `kind`; allowed values: {', '.join(PHASE_KINDS)}"
+    got = (
+        f"; got {error['input']!r}"
+        if "input" in error and not isinstance(error["input"], (dict, list))
+        else ""
+    )
     if kind in ("literal_error", "union_tag_invalid"):
         ctx = error.get("ctx", {})
         expected = re.findall(r"'([^']*)'", str(ctx.get("expected", ctx.get("expected_tags", ""))))
@@ -208,8 +222,11 @@ def _file_loc(loc: Loc, data: dict) -> Loc:
     out: list[str | int] = []
     node: Any = data
     for part in loc:
-        if isinstance(node, dict) and isinstance(part, str) and part not in node and (
-            node.get("kind") == part
+        if (
+            isinstance(node, dict)
+            and isinstance(part, str)
+            and part not in node
+            and (node.get("kind") == part)
         ):
             continue
         out.append(part)

@@ -49,7 +49,9 @@ class Training(_Strict):
     schedule: Schedule = Schedule()
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     drop_path: float = Field(0.1, ge=0, lt=1, description="Stochastic depth rate of the model.")
-    grad_clip: float | None = Field(None, gt=0, description="Max global gradient norm; off if null.")
+    grad_clip: float | None = Field(
+        None, gt=0, description="Max global gradient norm; off if null."
+    )
     seed: int = Field(0, ge=0, lt=2**32)
 
 
@@ -89,7 +91,8 @@ class UnstructuredDSTPhase(_Phase):
     sparsity: float = Field(gt=0, lt=1, description="Share of target weights that are zero.")
     distribution: Literal["erk", "uniform"] = "erk"
     init: Literal["random", "magnitude"] = Field(
-        "random", description="How the first mask is chosen: random, or largest |w| (after warm-up)."
+        "random",
+        description="How the first mask is chosen: random, or largest |w| (after warm-up).",
     )
     prune: Literal["magnitude"] = "magnitude"
     grow: Literal["gradient", "random"] = Field(
@@ -106,8 +109,9 @@ class UnstructuredDSTPhase(_Phase):
     targets: Targets = Targets()
 
 
+PHASES = (DenseWarmupPhase, UnstructuredDSTPhase)
 Phase = Annotated[DenseWarmupPhase | UnstructuredDSTPhase, Field(discriminator="kind")]
-PHASE_KINDS: tuple[str, ...] = ("dense_warmup", "unstructured_dst")
+PHASE_KINDS: tuple[str, ...] = tuple(p.model_fields["kind"].annotation.__args__[0] for p in PHASES)
 
 
 class Recipe(_Strict):

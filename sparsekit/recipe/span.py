@@ -73,8 +73,8 @@ class Span:
         if self.unit == "fraction":
             return f"{self.value * 100:g}%"
         if self.unit == "steps":
-            return f"{int(self.value)} steps"
-        return f"{self.value:g} epochs"
+            return f"{int(self.value)} step{'s' if self.value != 1 else ''}"
+        return f"{self.value:g} epoch{'s' if self.value != 1 else ''}"
 
     def to_yaml(self) -> float | int | str:
         """The recipe spelling: a bare number for epochs, a string otherwise."""

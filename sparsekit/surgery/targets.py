@@ -11,7 +11,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from sparsekit.errors import SparsekitError
+from sparsekit.errors import RecipeError, SparsekitError
 
 # Where each role lives inside a block (or the model), in the attribute names timm uses.
 _BLOCK_ROLES: dict[str, tuple[str, ...]] = {
@@ -43,6 +43,13 @@ def check_supported(model: nn.Module) -> None:
     """Refuse architectures whose layout sparsekit does not know, before touching them."""
     from timm.models.vision_transformer import VisionTransformer
 
+    for attr in ("module", "_orig_mod"):
+        if isinstance(getattr(model, attr, None), VisionTransformer):
+            raise SparsekitError(
+                f"got a wrapped model ({type(model).__name__}); give sparsekit the model inside "
+                f"it (`model.{attr}`): modifiers change the module's own weights, and the wrapper "
+                "sees their changes."
+            )
     if not isinstance(model, VisionTransformer):
         raise SparsekitError(
             f"{type(model).__name__} is not supported: sparsekit finds its targets in timm's "
@@ -89,7 +96,7 @@ def find_targets(
     if exclude:
         found = [t for t in found if not any(fnmatchcase(t.name, p) for p in exclude)]
     if not found:
-        raise SparsekitError(
+        raise RecipeError(
             f"no weights of {type(model).__name__} match roles {roles} with include={include or []} "
             f"and exclude={exclude or []}. Module names look like 'blocks.0.attn.qkv' or "
             "'blocks.11.mlp.fc2'; loosen the patterns."

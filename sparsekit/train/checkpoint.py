@@ -47,7 +47,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         SparsekitError: missing, unreadable, or from another format version.
     """
     if not path.is_file():
-        raise SparsekitError(f"{path}: no checkpoint to resume from. Start the run without --resume.")
+        raise SparsekitError(
+            f"{path}: no checkpoint to resume from. Start the run without --resume."
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a damaged file

@@ -52,7 +52,9 @@ class TensorImages(Dataset):
             image = padded[:, dy : dy + h, dx : dx + w]
         if image.shape[-1] != self.img_size:
             image = F.interpolate(
-                image[None], size=(self.img_size, self.img_size), mode="bilinear",
+                image[None],
+                size=(self.img_size, self.img_size),
+                mode="bilinear",
                 align_corners=False,
             )[0]
         return image, self.labels[index]

@@ -60,6 +60,8 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     cfg = recipe.training
     out = run.output or Path("runs") / f"{recipe.name}-{run.model}"
     _check_output(out, run.resume)
+    if run.stop_after_epoch is not None and run.stop_after_epoch < 1:
+        raise SparsekitError(f"--stop-after-epoch must be 1 or more, got {run.stop_after_epoch}.")
     device = _pick_device(run.device)
     torch.manual_seed(cfg.seed)
 
@@ -71,7 +73,11 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
             "num_classes": data.num_classes,
             "in_chans": data.in_chans,
             "img_size": data.img_size,
-            **({"patch_size": run.patch_size or data.patch_size} if run.patch_size or data.patch_size else {}),
+            **(
+                {"patch_size": run.patch_size or data.patch_size}
+                if run.patch_size or data.patch_size
+                else {}
+            ),
             "drop_path_rate": cfg.drop_path,
             **run.extra,
         },
@@ -79,8 +85,11 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     model = create_model(spec, run.pretrained, run.checkpoint).to(device)
     sampler_gen = torch.Generator()
     loader = DataLoader(
-        data.train, batch_size=cfg.batch_size, sampler=RandomSampler(data.train, generator=sampler_gen),
-        num_workers=run.workers, pin_memory=device.type == "cuda",
+        data.train,
+        batch_size=cfg.batch_size,
+        sampler=RandomSampler(data.train, generator=sampler_gen),
+        num_workers=run.workers,
+        pin_memory=device.type == "cuda",
     )
     val_loader = DataLoader(data.val, batch_size=max(cfg.batch_size, 256), num_workers=run.workers)
 
@@ -91,9 +100,17 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     base_lr = cfg.optimizer.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: warmup_cosine_lr(
-            s, timeline.total_steps, warmup, base_lr, cfg.schedule.warmup_lr, cfg.schedule.min_lr
-        ) / base_lr,
+        lambda s: (
+            warmup_cosine_lr(
+                s,
+                timeline.total_steps,
+                warmup,
+                base_lr,
+                cfg.schedule.warmup_lr,
+                cfg.schedule.min_lr,
+            )
+            / base_lr
+        ),
     )
     session = Session(model, optimizer, compile_recipe(recipe, model, timeline), timeline)
     amp_dtype = _amp_dtype(device)
@@ -103,7 +120,9 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     # Run folder: resume from it, or start it.
     start_epoch, elapsed = 0, 0.0
     if run.resume:
-        start_epoch, elapsed = _resume(out, recipe, spec, model, optimizer, scheduler, scaler, session)
+        start_epoch, elapsed = _resume(
+            out, recipe, spec, model, optimizer, scheduler, scaler, session
+        )
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
@@ -148,34 +167,56 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
                 seen += len(labels)
                 if events_seen != len(session.events):  # sparsity only changes at updates
                     sparsity, events_seen = global_sparsity(session.masks()), len(session.events)
-                progress.update(task, advance=1, info=(
-                    f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} sparsity {sparsity:.3f} "
-                    f"[{', '.join(session.active_phases()) or 'dense'}]"
-                ))
+                progress.update(
+                    task,
+                    advance=1,
+                    info=(
+                        f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
+                        f"lr {scheduler.get_last_lr()[0]:.2e} sparsity {sparsity:.3f} "
+                        f"[{', '.join(session.active_phases()) or 'dense'}]"
+                    ),
+                )
             progress.remove_task(task)
             session.epoch_end()
 
             # Evaluate, log, checkpoint (metrics first: resume drops lines past the checkpoint).
             val_loss, val_acc = evaluate(model, val_loader, device, amp_dtype)
             metrics = {
-                "epoch": epoch + 1, "step": session.step, "train_loss": loss_sum / seen,
-                "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc,
-                "lr": scheduler.get_last_lr()[0], "sparsity": global_sparsity(session.masks()),
+                "epoch": epoch + 1,
+                "step": session.step,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "lr": scheduler.get_last_lr()[0],
+                "sparsity": global_sparsity(session.masks()),
                 "time_s": time.perf_counter() - started,
             }
-            _append_metrics(out, [*({"event": "update", "epoch": epoch + 1, **e} for e in session.events),
-                                  {"event": "epoch", **metrics}])
+            _append_metrics(
+                out,
+                [
+                    *({"epoch": epoch + 1, **e} for e in session.events),
+                    {"event": "epoch", **metrics},
+                ],
+            )
             session.events.clear()
             console.print(
                 f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.3f}  "
                 f"val acc {val_acc:.4f}  sparsity {metrics['sparsity']:.4f}"
             )
-            save_checkpoint(out / "checkpoint.pt", {
-                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "session": session.state_dict(), "rng": capture_rng(), "elapsed_s": metrics["time_s"],
-            })
+            save_checkpoint(
+                out / "checkpoint.pt",
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "session": session.state_dict(),
+                    "rng": capture_rng(),
+                    "elapsed_s": metrics["time_s"],
+                },
+            )
 
     if last_epoch < cfg.epochs:
         console.print(f"stopped after epoch {last_epoch} of {cfg.epochs}; continue with --resume.")
@@ -214,8 +255,10 @@ def summary_table(summary: dict[str, Any], out: Path) -> Table:
         ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
         ("val accuracy (final)", f"{summary['val_acc']:.4f}"),
         ("val accuracy (best)", f"{summary['best_val_acc']:.4f}"),
-        ("sparsity of targets", f"{sp['global_sparsity']:.4f} ({sp['masked_kept']:,} of "
-                                f"{sp['masked_params']:,} kept)"),
+        (
+            "sparsity of targets",
+            f"{sp['global_sparsity']:.4f} ({sp['masked_kept']:,} of {sp['masked_params']:,} kept)",
+        ),
         ("non-zero parameters", f"{sp['nonzero_params']:,} of {sp['total_params']:,}"),
     ]
     for key, value in rows:
@@ -224,8 +267,9 @@ def summary_table(summary: dict[str, Any], out: Path) -> Table:
 
 
 def _check_output(out: Path, resume: bool) -> None:
-    has_run = (out / "checkpoint.pt").exists() or (out / "recipe.yaml").exists()
-    if has_run and not resume:
+    # A folder with recipe.yaml but no checkpoint was stopped before its first epoch ended:
+    # nothing is lost by starting it again.
+    if (out / "checkpoint.pt").exists() and not resume:
         raise SparsekitError(
             f"{out} already holds a run. Continue it with --resume, or choose another --output "
             "folder (sparsekit never overwrites a run)."
@@ -241,11 +285,15 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SparsekitError(f"--device {name}: no CUDA device is available here; use --device cpu.")
+        raise SparsekitError(
+            f"--device {name}: no CUDA device is available here; use --device cpu."
+        )
     try:
         return torch.device(name)
     except RuntimeError:
-        raise SparsekitError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N].") from None
+        raise SparsekitError(
+            f"--device {name!r} is not a device; use auto, cpu or cuda[:N]."
+        ) from None
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -277,12 +325,21 @@ def _run_record(spec: ModelSpec, run: RunConfig, data_name: str) -> dict[str, An
     return {"model": asdict(spec), "data": data_name, "device": run.device}
 
 
-def _resume(out: Path, recipe: Recipe, spec: ModelSpec, model: nn.Module,
-            optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-            session: Session) -> tuple[int, float]:
+def _resume(
+    out: Path,
+    recipe: Recipe,
+    spec: ModelSpec,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    session: Session,
+) -> tuple[int, float]:
     """Restore every piece of state from the run folder; return (epoch to continue from,
     seconds trained so far)."""
-    saved_recipe = (out / "recipe.yaml").read_text(encoding="utf-8") if (out / "recipe.yaml").exists() else ""
+    saved_recipe = (
+        (out / "recipe.yaml").read_text(encoding="utf-8") if (out / "recipe.yaml").exists() else ""
+    )
     if saved_recipe != dump_recipe(recipe):
         raise SparsekitError(
             f"--resume: {out}/recipe.yaml differs from the recipe given now (after --set and "
@@ -302,7 +359,9 @@ def _resume(out: Path, recipe: Recipe, spec: ModelSpec, model: nn.Module,
     session.load_state_dict(ckpt["session"])
     restore_rng(ckpt["rng"])
     epoch = int(ckpt["epoch"])
-    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    lines = (
+        (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    )
     kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
     write_text_atomic(out / "metrics.jsonl", "".join(ln + "\n" for ln in kept))
     return epoch, float(ckpt.get("elapsed_s", 0.0))
@@ -314,9 +373,12 @@ def _append_metrics(out: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _summary(out: Path, spec: ModelSpec, data_name: str, model: nn.Module,
-             session: Session) -> dict[str, Any]:
-    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+def _summary(
+    out: Path, spec: ModelSpec, data_name: str, model: nn.Module, session: Session
+) -> dict[str, Any]:
+    records = [
+        json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()
+    ]
     epochs = [r for r in records if r.get("event") == "epoch"]
     last = epochs[-1] if epochs else {}
     return {
@@ -328,7 +390,7 @@ def _summary(out: Path, spec: ModelSpec, data_name: str, model: nn.Module,
         "val_acc": last.get("val_acc", math.nan),
         "val_loss": last.get("val_loss", math.nan),
         "best_val_acc": max((e["val_acc"] for e in epochs), default=math.nan),
-        "updates": sum(1 for r in records if r.get("event") == "update"),
+        "updates": sum(1 for r in records if r.get("event") == "mask_update"),
         "time_s": last.get("time_s", 0.0),
         "sparsity": sparsity_report(model, session.masks()),
     }
@@ -336,6 +398,11 @@ def _summary(out: Path, spec: ModelSpec, data_name: str, model: nn.Module,
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"), console=console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=True,
     )

@@ -1,0 +1,221 @@
+"""End-to-end runs of the built-in trainer and the CLI (small real models, synthetic data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from sparsekit.cli.main import app
+from sparsekit.recipe import load_recipe
+from sparsekit.train.checkpoint import load_checkpoint
+from sparsekit.train.trainer import RunConfig, train
+
+runner = CliRunner()
+SMALL_MODEL = {"depth": 2}
+RECIPE = {
+    "name": "e2e",
+    "training": {
+        "epochs": 3,
+        "batch_size": 32,
+        "drop_path": 0.1,
+        "schedule": {"warmup": 1},
+        "optimizer": {"lr": 1e-3},
+    },
+    "phases": [
+        {"kind": "dense_warmup", "end": 1},
+        {
+            "kind": "unstructured_dst",
+            "start": 1,
+            "sparsity": 0.7,
+            "update_every": "3 steps",
+            "end": "100%",
+            "init": "magnitude",
+            "grow_accumulation": 2,
+        },
+    ],
+}
+
+
+def run(tmp_path: Path, name: str, **kwargs) -> dict:
+    config = RunConfig(
+        model="vit_tiny_patch16_224",
+        data="synthetic",
+        output=tmp_path / name,
+        extra=SMALL_MODEL,
+        **kwargs,
+    )
+    return train(load_recipe(dict(RECIPE)), config)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
+    full = run(tmp_path, "full")
+    stopped = run(tmp_path, "split", stop_after_epoch=2)
+    assert stopped == {"stopped_at_epoch": 2}
+    resumed = run(tmp_path, "split", resume=True)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    masks_a = a["session"]["modifiers"][1]["state"]["masks"]
+    masks_b = b["session"]["modifiers"][1]["state"]["masks"]
+    assert masks_a.keys() == masks_b.keys()
+    for key in masks_a:
+        assert torch.equal(masks_a[key], masks_b[key]), key
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert full["val_acc"] == resumed["val_acc"]
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["epoch"] for ln in lines if '"event": "epoch"' in ln] == [1, 2, 3]
+
+
+def test_run_folder_contents(tmp_path: Path) -> None:
+    summary = run(tmp_path, "r")
+    out = tmp_path / "r"
+    assert {p.name for p in out.iterdir()} == {
+        "recipe.yaml",
+        "run.json",
+        "checkpoint.pt",
+        "metrics.jsonl",
+        "summary.json",
+    }
+    assert load_recipe(out / "recipe.yaml") == load_recipe(dict(RECIPE))
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    sp = saved["sparsity"]
+    assert sp["masked_kept"] == round(0.3 * sp["masked_params"])
+    assert abs(sp["global_sparsity"] - 0.7) < 1e-6
+    assert all(0 < layer["sparsity"] < 1 for layer in sp["layers"].values())
+    # Weights really are zero where masks say so: the non-zero count reflects the pruning.
+    assert sp["nonzero_params"] <= sp["total_params"] - (sp["masked_params"] - sp["masked_kept"])
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    updates = [r for r in records if r["event"] == "mask_update"]
+    assert [r["step"] for r in records if r["event"] == "mask_init"] == [8]
+    assert updates and all((r["step"] - 8) % 3 == 0 for r in updates)  # start: epoch 1 = step 8
+    assert [r["sparsity"] for r in records if r["event"] == "epoch"] == pytest.approx([0, 0.7, 0.7])
+    assert saved["val_acc"] > 0.3  # synthetic classes are learnable: well above chance (0.1)
+
+
+def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
+    run(tmp_path, "r", stop_after_epoch=1)
+    from sparsekit.errors import SparsekitError
+
+    with pytest.raises(SparsekitError, match="already holds a run"):
+        run(tmp_path, "r")
+    with pytest.raises(SparsekitError, match="differs from the recipe"):
+        config = RunConfig(
+            model="vit_tiny_patch16_224",
+            data="synthetic",
+            output=tmp_path / "r",
+            extra=SMALL_MODEL,
+            resume=True,
+        )
+        train(load_recipe(dict(RECIPE), ["training.epochs=4"]), config)
+
+
+def write_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(RECIPE))
+    return path
+
+
+def test_cli_apply_end_to_end(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "apply",
+            str(write_recipe(tmp_path)),
+            "--model",
+            "vit_tiny_patch16_224",
+            "--data",
+            "synthetic",
+            "--model-arg",
+            "depth=2",
+            "--epochs",
+            "2",
+            "--set",
+            "phases[1].sparsity=0.5",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "val accuracy" in result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert abs(summary["sparsity"]["global_sparsity"] - 0.5) < 1e-6
+    assert summary["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--model", "deit_smal"], 1, "unknown model"),
+        (["--model", "resnet18"], 1, "not supported"),
+        (["--model", "deit_tiny", "--set", "phases[1].sparsity=2"], 2, "from --set"),
+        (["--model", "deit_tiny", "--data", "/nonexistent"], 1, "ImageFolder"),
+        (["--model", "deit_tiny", "--model-arg", "depth"], 1, "KEY=VALUE"),
+        (["--model", "deit_tiny", "--resume"], 1, "no checkpoint.pt"),
+        (["--model", "deit_tiny", "--checkpoint", "w.pt"], 1, "safetensors"),
+    ],
+)
+def test_cli_apply_errors(tmp_path: Path, args: list[str], code: int, message: str) -> None:
+    result = runner.invoke(
+        app, ["apply", str(write_recipe(tmp_path)), "--output", str(tmp_path / "o"), *args]
+    )
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_cli_recipe_commands(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path)
+    result = runner.invoke(app, ["recipe", "validate", str(path)])
+    assert result.exit_code == 0 and "valid recipe" in result.output
+    result = runner.invoke(
+        app, ["recipe", "show", str(path), "--dataset-size", "256", "--batch-size", "32"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "unstructured_dst" in result.output and "8 -> 24" in result.output  # steps
+    result = runner.invoke(app, ["recipe", "schema"])
+    assert result.exit_code == 0 and json.loads(result.output)["title"] == "Recipe"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntraining:\n  epochs: -3\n")
+    result = runner.invoke(app, ["recipe", "validate", str(bad)])
+    assert result.exit_code == 2 and "training.epochs (line 3)" in result.output
+
+
+def test_cli_apply_from_local_weights(tmp_path: Path) -> None:
+    from sparsekit.models import ModelSpec, create_model
+
+    spec = ModelSpec(
+        "vit_tiny_patch16_224",
+        {"num_classes": 10, "in_chans": 3, "img_size": 32, "patch_size": 8, "depth": 2},
+    )
+    weights = tmp_path / "w.safetensors"
+    save_file(create_model(spec).state_dict(), str(weights))
+    result = runner.invoke(
+        app,
+        [
+            "apply",
+            str(write_recipe(tmp_path)),
+            "--model",
+            "vit_tiny_patch16_224",
+            "--data",
+            "synthetic",
+            "--model-arg",
+            "depth=2",
+            "--epochs",
+            "2",
+            "--checkpoint",
+            str(weights),
+            "--output",
+            str(tmp_path / "w"),
+            "--stop-after-epoch",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
