@@ -11,6 +11,7 @@ Invariants kept at every step, which the reference implementation does not all k
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +23,11 @@ from sparsekit.modifiers.schedules import decayed_fraction, is_update_step, next
 from sparsekit.recipe.schema import UnstructuredDSTPhase
 from sparsekit.surgery.masks import layer_budgets, random_scores, topk_mask
 from sparsekit.surgery.targets import Target, find_targets
+
+# Optimizers whose step leaves a weight at exactly 0 when its gradient and its state are 0
+# (decoupled or L2 weight decay of 0 is 0; Adam's update is 0 / (sqrt(0) + eps) = 0). With them
+# masking the gradient is enough; any other optimizer gets its weights re-masked every step.
+_ZERO_PRESERVING = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 
 if TYPE_CHECKING:
     from sparsekit.session import Session
@@ -58,6 +64,7 @@ class UnstructuredDST(Modifier):
         # The mask as 0/1 in the weight's dtype: multiplying by it is ~8x faster on CPU than
         # masked_fill_ with a bool mask, and it runs on every step.
         self._keep: dict[str, torch.Tensor] = {}
+        self._dtypes = {t.name: t.weight.dtype for t in targets}
         self._grad_sum: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -108,7 +115,8 @@ class UnstructuredDST(Modifier):
     def after_optimizer_step(self, session: Session) -> None:
         if not self.initialized:
             return
-        self._apply_masks()
+        if type(session.optimizer) not in _ZERO_PRESERVING:
+            self._apply_masks()
         count = session.step + 1
         if is_update_step(count, self.start_step, self.end_step, self.update_every):
             session.record(self, self._prune_and_grow(count, session.optimizer))
@@ -126,7 +134,7 @@ class UnstructuredDST(Modifier):
             self._set_mask(t.name, topk_mask(scores, budget))
         self.initialized = True
         self._apply_masks()
-        self._zero_optimizer_state(optimizer, {n: ~m for n, m in self._masks.items()})
+        self._zero_optimizer_state(optimizer)
 
     @torch.no_grad()
     def _prune_and_grow(
@@ -136,43 +144,57 @@ class UnstructuredDST(Modifier):
         fraction = decayed_fraction(
             self.config.update_fraction, progress, self.config.fraction_decay
         )
-        generator = torch.Generator().manual_seed(self.seed + 1 + self.updates_done)
-        moved = 0
-        reset: dict[str, torch.Tensor] = {}  # positions whose optimizer state starts afresh
-        for t in self.targets:
-            mask = self._masks[t.name]
-            active = int(mask.sum())
-            n_swap = min(math.ceil(fraction * active), active, mask.numel() - active)
-            if n_swap == 0:
-                continue
-            # Prune: keep the largest-magnitude active weights.
-            magnitude = torch.where(mask, t.weight.abs(), torch.full_like(t.weight, -1.0))
-            kept = topk_mask(magnitude, active - n_swap)
-            # Grow: among everything not kept (just-pruned positions compete on the score too).
-            if self.config.grow == "gradient":
-                grad = self._grad_sum.get(t.name)
-                score = grad.abs() if grad is not None else torch.zeros_like(t.weight)
-            else:
-                score = random_scores(t.weight.shape, generator).to(t.weight.device)
-            score = torch.where(kept, torch.full_like(score, -1.0), score)
-            grown = topk_mask(score, n_swap)
-            new_mask = kept | grown
-            moved += int(grown.sum())
-            # Grown weights (including any just-pruned one that won back its place) restart
-            # from exactly 0 with fresh optimizer state.
-            t.weight.masked_fill_(grown, 0.0)
-            self._set_mask(t.name, new_mask)
-            reset[t.name] = ~kept
+        # Layers are independent and top-k runs on one core: update them side by side.
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            grown = list(
+                pool.map(
+                    lambda job: self._update_layer(*job, fraction, optimizer),
+                    enumerate(self.targets),
+                )
+            )
         self._grad_sum.clear()
-        self._apply_masks()
-        self._zero_optimizer_state(optimizer, reset)
         self.updates_done += 1
-        return {"event": "mask_update", "step": count, "fraction": fraction, "regrown": moved}
+        return {"event": "mask_update", "step": count, "fraction": fraction, "regrown": sum(grown)}
+
+    @torch.no_grad()
+    def _update_layer(
+        self, index: int, t: Target, fraction: float, optimizer: torch.optim.Optimizer | None
+    ) -> int:
+        """Prune and grow one layer (as many grown as pruned); return the number grown."""
+        mask = self._masks[t.name]
+        active = int(mask.sum())
+        n_swap = min(math.ceil(fraction * active), active, mask.numel() - active)
+        if n_swap == 0:
+            return 0
+        w = t.weight
+        # Prune: the n_swap smallest-magnitude active weights.
+        pruned = topk_mask(torch.where(mask, w.abs(), math.inf), n_swap, largest=False)
+        kept = mask & ~pruned
+        # Grow: the best n_swap of everything not kept (just-pruned positions compete too).
+        if self.config.grow == "gradient":
+            grad = self._grad_sum.get(t.name)
+            score = grad.abs() if grad is not None else torch.zeros_like(w)
+        else:
+            # One generator per (update, layer): the draw is the same whatever the thread order.
+            generator = torch.Generator().manual_seed(
+                self.seed + 1_000_003 * (self.updates_done + 1) + index
+            )
+            score = random_scores(w.shape, generator).to(w.device)
+        grown = topk_mask(torch.where(kept, -1.0, score), n_swap)
+        # Only kept weights carry over: pruned and grown ones (a just-pruned weight that won its
+        # place back included) are exactly 0 with zeroed optimizer state.
+        survivors = kept.to(w.dtype)
+        w.mul_(survivors)
+        if optimizer is not None:
+            for value in optimizer.state.get(w, {}).values():
+                if torch.is_tensor(value) and value.shape == w.shape:
+                    value.mul_(survivors)
+        self._set_mask(t.name, kept | grown)
+        return int(grown.sum())
 
     def _set_mask(self, name: str, mask: torch.Tensor) -> None:
         self._masks[name] = mask
-        weight = next(t.weight for t in self.targets if t.name == name)
-        self._keep[name] = mask.to(weight.dtype)
+        self._keep[name] = mask.to(self._dtypes[name])
 
     @torch.no_grad()
     def _apply_masks(self) -> None:
@@ -180,19 +202,14 @@ class UnstructuredDST(Modifier):
             t.weight.mul_(self._keep[t.name])
 
     @torch.no_grad()
-    def _zero_optimizer_state(
-        self, optimizer: torch.optim.Optimizer | None, positions: dict[str, torch.Tensor]
-    ) -> None:
-        """Zero every per-weight optimizer tensor (Adam moments, momentum) at `positions`."""
+    def _zero_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Zero every per-weight optimizer tensor (Adam moments, momentum) at masked positions."""
         if optimizer is None:
             return
         for t in self.targets:
-            if t.name not in positions:
-                continue
-            state = optimizer.state.get(t.weight, {})
-            for value in state.values():
+            for value in optimizer.state.get(t.weight, {}).values():
                 if torch.is_tensor(value) and value.shape == t.weight.shape:
-                    value.masked_fill_(positions[t.name], 0.0)
+                    value.mul_(self._keep[t.name])
 
     # --- reporting and resume --------------------------------------------------------------
     def masks_owned(self) -> list[str]:

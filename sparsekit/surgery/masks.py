@@ -61,12 +61,56 @@ def _round_preserving_sum(ideal: list[float], caps: list[int], total: int) -> li
     return counts
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the same shape with exactly `k` True entries at the largest scores."""
-    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        flat[torch.topk(scores.flatten(), k, sorted=False).indices] = True
-    return flat.view_as(scores)
+_SAMPLE = 8192  # scores sampled to bracket the k-th largest before the exact selection
+
+
+def topk_mask(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Boolean mask of the same shape with exactly `k` True entries at the largest scores
+    (the smallest with `largest=False`).
+
+    Exact, like `torch.topk`, but for large layers it first brackets the k-th largest value from
+    a fixed sample, keeps everything above the bracket, and runs top-k only on the few scores
+    inside it: several times faster on a CPU than a full top-k, which dominates an update.
+    """
+    flat = scores.flatten() if largest else -scores.flatten()
+    n = flat.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return mask.view_as(scores)
+    if k >= n:
+        return mask.fill_(True).view_as(scores)
+    if n > 8 * _SAMPLE:
+        bracketed = _bracketed_topk(flat, k)
+        if bracketed is not None:
+            return bracketed.view_as(scores)
+    mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def _bracketed_topk(flat: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Exact top-k mask via a sampled bracket [lo, hi] around the k-th largest value, or None
+    when the bracket misses (then the caller falls back to a full top-k)."""
+    n = flat.numel()
+    generator = torch.Generator(device=flat.device).manual_seed(n)
+    picks = torch.randint(n, (_SAMPLE,), generator=generator, device=flat.device)
+    sample = flat[picks].sort().values
+    q = 1.0 - k / n  # ascending rank of the k-th largest, as a share
+    margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / _SAMPLE) / _SAMPLE) + 2.0 / _SAMPLE
+    lo_index = math.floor((q - margin) * _SAMPLE)
+    hi_index = math.ceil((q + margin) * _SAMPLE)
+    if lo_index < 0 or hi_index >= _SAMPLE:
+        return None
+    lo, hi = sample[lo_index], sample[hi_index]
+    above = flat > hi
+    n_above = int(above.sum())
+    if n_above > k:
+        return None
+    band_index = ((flat >= lo) & ~above).nonzero().squeeze(1)
+    if n_above + band_index.numel() < k:
+        return None
+    chosen = torch.topk(flat[band_index], k - n_above, sorted=False).indices
+    above[band_index[chosen]] = True
+    return above
 
 
 def random_scores(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:

@@ -139,6 +139,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="")
             loss_sum = correct = seen = 0.0
             sparsity, events_seen = 0.0, -1
+            epoch_started = time.perf_counter()
             for images, labels in loader:
                 images, labels = images.to(device, non_blocking=True), labels.to(device)
                 session.batch_start()
@@ -176,6 +177,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
                         f"[{', '.join(session.active_phases()) or 'dense'}]"
                     ),
                 )
+            train_time = time.perf_counter() - epoch_started
             progress.remove_task(task)
             session.epoch_end()
 
@@ -190,6 +192,8 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
                 "val_acc": val_acc,
                 "lr": scheduler.get_last_lr()[0],
                 "sparsity": global_sparsity(session.masks()),
+                "train_time_s": train_time,
+                "steps_in_epoch": len(loader),
                 "time_s": time.perf_counter() - started,
             }
             _append_metrics(

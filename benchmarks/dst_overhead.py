@@ -1,0 +1,93 @@
+"""What does SViTE's dynamic sparse training cost per step, next to dense training?
+
+Trains the same model on the same data twice with the built-in trainer, once dense (the recipe
+with its phases removed) and once under the recipe, in one process, and prints the per-step
+time ratio (DST / dense, training steps only, prune/grow updates included) and both final
+accuracies. With --repeats 2 the runs go dense, DST, DST, dense so slow drift of the machine
+cancels out.
+
+    python benchmarks/dst_overhead.py                       # svite_small, deit_small, digits
+    python benchmarks/dst_overhead.py --epochs 5 --model deit_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from sparsekit.recipe import load_recipe
+from sparsekit.train.trainer import RunConfig, train
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_once(recipe_path: Path, overrides: list[str], args, out: Path) -> dict:
+    """Train once; return the mean step time, the updates done and the final accuracy."""
+    recipe = load_recipe(recipe_path, overrides)
+    config = RunConfig(model=args.model, data=args.data, output=out, device=args.device)
+    summary = train(recipe, config, Console(quiet=True))
+    epochs = [
+        json.loads(line)
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"event": "epoch"' in line
+    ]
+    steps = sum(e["steps_in_epoch"] for e in epochs)
+    return {
+        "step_s": sum(e["train_time_s"] for e in epochs) / steps,
+        "val_acc": summary["val_acc"],
+        "sparsity": summary["sparsity"]["global_sparsity"],
+        "updates": summary["updates"],
+        "steps": steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "svite_small.yaml")
+    parser.add_argument("--model", default="deit_small")
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=1, choices=(1, 2))
+    args = parser.parse_args()
+
+    common = [f"training.epochs={args.epochs}", f"training.batch_size={args.batch_size}"]
+    order = ["dense", "dst"] if args.repeats == 1 else ["dense", "dst", "dst", "dense"]
+    results: dict[str, list[dict]] = {"dense": [], "dst": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, kind in enumerate(order):
+            overrides = common + (["phases=[]"] if kind == "dense" else [])
+            results[kind].append(run_once(args.recipe, overrides, args, Path(tmp) / f"{i}-{kind}"))
+
+    dense_step = statistics.mean(r["step_s"] for r in results["dense"])
+    dst_step = statistics.mean(r["step_s"] for r in results["dst"])
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else (
+        f"CPU, {torch.get_num_threads()} threads"
+    )
+    table = Table(title=f"{args.recipe.stem} on {args.model}, {args.data}, {args.epochs} epochs, "
+                        f"batch {args.batch_size} ({device})")
+    for column in ("run", "ms / step", "ratio to dense", "updates", "sparsity", "val acc"):
+        table.add_column(column)
+    for kind, step in (("dense", dense_step), ("dst", dst_step)):
+        runs = results[kind]
+        table.add_row(
+            kind, f"{step * 1000:.1f}", f"{step / dense_step:.3f}", str(runs[0]["updates"]),
+            f"{runs[0]['sparsity']:.3f}", " / ".join(f"{r['val_acc']:.4f}" for r in runs),
+        )
+    console = Console()
+    console.print(table)
+    ratio = dst_step / dense_step
+    verdict = "within" if ratio <= 1.05 else "OVER"
+    console.print(f"DST / dense time per step: {ratio:.3f} ({verdict} the 1.05 target)")
+
+
+if __name__ == "__main__":
+    main()
