@@ -200,3 +200,32 @@ def test_schedules() -> None:
     assert [c for c in range(20) if is_update_step(c, 2, 12, 3)] == [5, 8, 11]
     assert next_update(3, 2, 12, 3) == 5 and next_update(5, 2, 12, 3) == 5
     assert next_update(12, 2, 12, 3) is None
+
+
+class DriftingSGD(torch.optim.SGD):
+    """An optimizer that moves every weight, zero gradient or not (like some custom updates)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(1e-3)
+        return loss
+
+
+def test_masks_reapplied_for_optimizers_that_move_zero_weights() -> None:
+    torch.manual_seed(0)
+    model = tiny_vit()
+    optimizer = DriftingSGD(model.parameters(), lr=0.01)
+    session = Session.from_recipe(load_recipe(dst_recipe()), model, optimizer, steps_per_epoch=4)
+    dst = session.modifiers[0]
+    for _ in range(5):
+        session.batch_start()
+        F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.randint(0, 10, (4,))).backward()
+        session.before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        session.after_optimizer_step()
+        for t in dst.targets:
+            assert torch.all(t.weight[~dst.masks()[f"{t.name}.weight"]] == 0)

@@ -86,7 +86,10 @@ def _settings(phase: Any, timeline: Timeline) -> str:
             f"every {every:,} steps, fraction {phase.update_fraction:g} {phase.fraction_decay}, "
             f"roles {','.join(phase.targets.roles)}"
         )
-    return "dense"
+    if phase.kind == "dense_warmup":
+        return "dense"
+    fields = phase.model_dump(mode="json", exclude={"kind", "name", "start", "end"})
+    return ", ".join(f"{key} {value}" for key, value in fields.items())
 
 
 @app.command()
