@@ -47,7 +47,10 @@ model = timm.create_model(
 images, labels = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
 loader = DataLoader(TensorDataset(images, labels), batch_size=cfg.batch_size, shuffle=True)
 optimizer = torch.optim.AdamW(
-    model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay
+    model.parameters(),
+    lr=cfg.optimizer.lr,
+    weight_decay=cfg.optimizer.weight_decay,
+    fused=True,  # much faster, and the default kernel slows on the zeros sparsity leaves
 )
 criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 use_fp16 = device == "cuda"
