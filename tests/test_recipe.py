@@ -208,3 +208,11 @@ def test_json_schema_describes_phases() -> None:
 def test_recipe_package_imports_no_torch() -> None:
     code = "import sparsekit.recipe, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_phase_kind_has_a_modifier() -> None:
+    from sparsekit.modifiers import MODIFIERS
+    from sparsekit.recipe.schema import PHASE_KINDS, PHASES, Phase
+
+    union = {p.model_fields["kind"].annotation.__args__[0] for p in Phase.__origin__.__args__}
+    assert set(PHASE_KINDS) == union == set(MODIFIERS) and len(PHASES) == len(union)
