@@ -13,7 +13,6 @@ cancels out.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -29,7 +28,7 @@ from sparsekit import Session
 from sparsekit.models import ModelSpec, create_model, resolve_model_name
 from sparsekit.recipe import load_recipe
 from sparsekit.train.data import build_data
-from sparsekit.train.trainer import RunConfig, make_optimizer, train
+from sparsekit.train.trainer import RunConfig, make_optimizer, read_metrics, train
 
 ROOT = Path(__file__).parents[1]
 
@@ -39,11 +38,7 @@ def run_once(recipe_path: Path, overrides: list[str], args, out: Path) -> dict:
     recipe = load_recipe(recipe_path, overrides)
     config = RunConfig(model=args.model, data=args.data, output=out, device=args.device)
     summary = train(recipe, config, Console(quiet=True))
-    epochs = [
-        json.loads(line)
-        for line in (out / "metrics.jsonl").read_text().splitlines()
-        if '"event": "epoch"' in line
-    ]
+    epochs = [r for r in read_metrics(out) if r["event"] == "epoch"]
     steps = sum(e["steps_in_epoch"] for e in epochs)
     return {
         "step_s": sum(e["train_time_s"] for e in epochs) / steps,

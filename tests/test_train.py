@@ -17,6 +17,17 @@ from sparsekit.train.checkpoint import load_checkpoint
 from sparsekit.train.trainer import RunConfig, train
 
 runner = CliRunner()
+# A real timm ViT cut to 2 blocks, on synthetic data, for 2 epochs: an end-to-end run in seconds.
+TINY_RUN = [
+    "--model",
+    "vit_tiny_patch16_224",
+    "--data",
+    "synthetic",
+    "--model-arg",
+    "depth=2",
+    "--epochs",
+    "2",
+]
 SMALL_MODEL = {"depth": 2}
 RECIPE = {
     "name": "e2e",
@@ -57,6 +68,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
     full = run(tmp_path, "full")
     stopped = run(tmp_path, "split", stop_after_epoch=2)
     assert stopped == {"stopped_at_epoch": 2}
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write('{"event": "epoch", "epo')  # a line torn by a crash mid-append
     resumed = run(tmp_path, "split", resume=True)
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
@@ -128,14 +141,7 @@ def test_cli_apply_end_to_end(tmp_path: Path) -> None:
         [
             "apply",
             str(write_recipe(tmp_path)),
-            "--model",
-            "vit_tiny_patch16_224",
-            "--data",
-            "synthetic",
-            "--model-arg",
-            "depth=2",
-            "--epochs",
-            "2",
+            *TINY_RUN,
             "--set",
             "phases[1].sparsity=0.5",
             "--output",
@@ -202,14 +208,7 @@ def test_cli_apply_from_local_weights(tmp_path: Path) -> None:
         [
             "apply",
             str(write_recipe(tmp_path)),
-            "--model",
-            "vit_tiny_patch16_224",
-            "--data",
-            "synthetic",
-            "--model-arg",
-            "depth=2",
-            "--epochs",
-            "2",
+            *TINY_RUN,
             "--checkpoint",
             str(weights),
             "--output",

@@ -368,12 +368,21 @@ def _resume(
     session.load_state_dict(ckpt["session"])
     restore_rng(ckpt["rng"])
     epoch = int(ckpt["epoch"])
-    lines = (
-        (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-    )
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
-    write_text_atomic(out / "metrics.jsonl", "".join(ln + "\n" for ln in kept))
+    kept = [r for r in read_metrics(out) if r.get("epoch", 0) <= epoch]
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     return epoch, float(ckpt.get("elapsed_s", 0.0))
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl; a line torn by a crash mid-append is skipped."""
+    path = out / "metrics.jsonl"
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _append_metrics(out: Path, records: list[dict[str, Any]]) -> None:
@@ -385,9 +394,7 @@ def _append_metrics(out: Path, records: list[dict[str, Any]]) -> None:
 def _summary(
     out: Path, spec: ModelSpec, data_name: str, model: nn.Module, session: Session
 ) -> dict[str, Any]:
-    records = [
-        json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()
-    ]
+    records = read_metrics(out)
     epochs = [r for r in records if r.get("event") == "epoch"]
     last = epochs[-1] if epochs else {}
     return {
