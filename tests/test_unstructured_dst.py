@@ -229,3 +229,24 @@ def test_masks_reapplied_for_optimizers_that_move_zero_weights() -> None:
         session.after_optimizer_step()
         for t in dst.targets:
             assert torch.all(t.weight[~dst.masks()[f"{t.name}.weight"]] == 0)
+
+
+def test_non_finite_growth_gradients_keep_counts_exact() -> None:
+    """An overflowed gradient (inf/nan) in the growth sum must not break the budget."""
+    torch.manual_seed(0)
+    model = tiny_vit()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    recipe = load_recipe(dst_recipe(update_every="1 steps", end="100%", targets={"roles": ["fc1"]}))
+    session = Session.from_recipe(recipe, model, optimizer, steps_per_epoch=10)
+    dst = session.modifiers[0]
+    session.batch_start()
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.randint(0, 10, (4,))).backward()
+    for t in dst.targets:
+        t.weight.grad[0, :5] = float("inf")
+        t.weight.grad[1, :5] = float("nan")
+    session.before_optimizer_step()
+    optimizer.step()
+    session.after_optimizer_step()
+    assert dst.updates_done == 1
+    for t, budget in zip(dst.targets, dst.budgets, strict=True):
+        assert int(dst.masks()[f"{t.name}.weight"].sum()) == budget

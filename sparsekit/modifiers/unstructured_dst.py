@@ -170,14 +170,19 @@ class UnstructuredDST(Modifier):
         # Scores are built with arithmetic on 0/1 float masks: exact, and far faster on a CPU
         # than torch.where with a scalar.
         inactive = 1.0 - self._keep[t.name]
-        # Prune: the n_swap smallest-magnitude active weights (inactive ones score 3e38).
-        pruned = topk_mask(w.abs().add_(inactive, alpha=3e38), n_swap, largest=False)
+        # Prune: the n_swap smallest-magnitude active weights (inactive ones score the dtype's max).
+        far = torch.finfo(w.dtype).max
+        pruned = topk_mask(w.abs().add_(inactive, alpha=far), n_swap, largest=False)
         kept = mask ^ pruned  # pruned is a subset of mask
         survivors = kept.to(w.dtype)
         # Grow: the best n_swap of everything not kept (just-pruned positions compete too).
         if self.config.grow == "gradient":
             grad = self._grad_sum.get(t.name)
-            score = grad.abs() if grad is not None else torch.zeros_like(w)
+            # A batch whose fp16 gradients overflowed (a step GradScaler skipped) carries no
+            # usable ranking; treat its non-finite entries as 0 rather than as the largest.
+            score = (
+                grad.abs().nan_to_num_(0.0, posinf=0.0) if grad is not None else torch.zeros_like(w)
+            )
         else:
             # One generator per (update, layer): the draw is the same whatever the thread order.
             generator = torch.Generator().manual_seed(
