@@ -104,7 +104,7 @@ def _bracketed_topk(flat: torch.Tensor, k: int) -> torch.Tensor | None:
     lo = torch.kthvalue(sample, lo_index + 1).values
     hi = torch.kthvalue(sample, hi_index + 1).values
     above = flat > hi
-    n_above = int(above.sum())
+    n_above = int(torch.count_nonzero(above))
     if n_above > k:
         return None
     band_index = ((flat >= lo) & ~above).nonzero().squeeze(1)
