@@ -25,10 +25,10 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from sparsekit import Session
-from sparsekit.models import ModelSpec, create_model, resolve_model_name
+from sparsekit.models import create_model
 from sparsekit.recipe import load_recipe
 from sparsekit.train.data import build_data
-from sparsekit.train.trainer import RunConfig, make_optimizer, read_metrics, train
+from sparsekit.train.trainer import RunConfig, make_optimizer, model_spec, read_metrics, train
 
 ROOT = Path(__file__).parents[1]
 
@@ -53,15 +53,8 @@ def components(recipe_path: Path, args, repeats: int = 12) -> dict:
     """Time the two costs DST adds, on a fixed batch: masking on an ordinary step, and one
     prune/grow update (steps with an update every step minus steps with none)."""
     data = build_data(args.data)
-    spec = ModelSpec(
-        resolve_model_name(args.model),
-        {
-            "num_classes": data.num_classes,
-            "in_chans": data.in_chans,
-            "img_size": data.img_size,
-            **({"patch_size": data.patch_size} if data.patch_size else {}),
-        },
-    )
+    drop_path = load_recipe(recipe_path, [f"training.epochs={args.epochs}"]).training.drop_path
+    spec = model_spec(RunConfig(model=args.model, data=args.data), data, drop_path)
     images, labels = next(iter(DataLoader(data.train, batch_size=args.batch_size)))
     runs = {}
     for name, overrides in (

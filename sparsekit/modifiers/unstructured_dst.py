@@ -80,7 +80,7 @@ class UnstructuredDST(Modifier):
             timeline.steps(config.start),
             timeline.steps(config.end),
             targets,
-            update_every=max(1, timeline.steps(config.update_every)),
+            update_every=timeline.steps(config.update_every),
             seed=seed,
         )
 

@@ -6,7 +6,7 @@ A recipe is a `training` section and a list of `phases`. Each phase is discrimin
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -109,8 +109,8 @@ class UnstructuredDSTPhase(_Phase):
     targets: Targets = Targets()
 
 
-PHASES = (DenseWarmupPhase, UnstructuredDSTPhase)
-Phase = Annotated[DenseWarmupPhase | UnstructuredDSTPhase, Field(discriminator="kind")]
+PHASES = (DenseWarmupPhase, UnstructuredDSTPhase)  # add a new phase kind here
+Phase = Annotated[Union[PHASES], Field(discriminator="kind")]  # noqa: UP007 (built from a tuple)
 PHASE_KINDS: tuple[str, ...] = tuple(p.model_fields["kind"].annotation.__args__[0] for p in PHASES)
 
 

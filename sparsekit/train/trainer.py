@@ -33,7 +33,7 @@ from sparsekit.recipe.schema import Recipe, Training
 from sparsekit.session import Session
 from sparsekit.timeline import Timeline
 from sparsekit.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from sparsekit.train.data import build_data
+from sparsekit.train.data import DataBundle, build_data
 
 
 @dataclass
@@ -67,21 +67,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
 
     # Data and model.
     data = build_data(run.data, run.img_size, seed=cfg.seed)
-    spec = ModelSpec(
-        resolve_model_name(run.model),
-        {
-            "num_classes": data.num_classes,
-            "in_chans": data.in_chans,
-            "img_size": data.img_size,
-            **(
-                {"patch_size": run.patch_size or data.patch_size}
-                if run.patch_size or data.patch_size
-                else {}
-            ),
-            "drop_path_rate": cfg.drop_path,
-            **run.extra,
-        },
-    )
+    spec = model_spec(run, data, cfg.drop_path)
     model = create_model(spec, run.pretrained, run.checkpoint).to(device)
     sampler_gen = torch.Generator()
     loader = DataLoader(
@@ -230,6 +216,22 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     console.print(summary_table(summary, out))
     return summary
+
+
+def model_spec(run: RunConfig, data: DataBundle, drop_path: float) -> ModelSpec:
+    """The timm model a run trains: built for the data's classes, channels and image size."""
+    patch_size = run.patch_size or data.patch_size
+    return ModelSpec(
+        resolve_model_name(run.model),
+        {
+            "num_classes": data.num_classes,
+            "in_chans": data.in_chans,
+            "img_size": data.img_size,
+            **({"patch_size": patch_size} if patch_size else {}),
+            "drop_path_rate": drop_path,
+            **run.extra,
+        },
+    )
 
 
 @torch.no_grad()
