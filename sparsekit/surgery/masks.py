@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -62,57 +63,83 @@ def _round_preserving_sum(ideal: list[float], caps: list[int], total: int) -> li
 
 
 _SAMPLE = 8192  # scores sampled to bracket the k-th largest before the exact selection
+_BRACKET_ABOVE = 65_536  # smaller score tensors go straight to a full partition
 
 
 def topk_mask(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
-    """Boolean mask of the same shape with exactly `k` True entries at the largest scores
-    (the smallest with `largest=False`).
+    """Boolean mask of the same shape and device with exactly `k` True entries at the largest
+    scores (the smallest with `largest=False`); ties at the cut are broken by position.
 
-    Exact, like `torch.topk`, but for large layers it first brackets the k-th largest value from
-    a fixed sample, keeps everything above the bracket, and runs top-k only on the few scores
-    inside it: several times faster on a CPU than a full top-k, which dominates an update.
+    On a GPU this is `torch.topk`. On a CPU, where top-k dominates a prune/grow update, the
+    selection runs in NumPy: its comparisons and compactions are several times faster than
+    torch's boolean kernels there, and they release the GIL, so layers updated on a thread pool
+    really run side by side.
     """
-    flat = scores.flatten() if largest else -scores.flatten()
+    flat = scores.detach().reshape(-1)
     n = flat.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
-    if k <= 0:
-        return mask.view_as(scores)
-    if k >= n:
-        return mask.fill_(True).view_as(scores)
-    if n > 8 * _SAMPLE:
-        bracketed = _bracketed_topk(flat, k)
-        if bracketed is not None:
-            return bracketed.view_as(scores)
-    mask[torch.topk(flat, k, sorted=False).indices] = True
-    return mask.view_as(scores)
+    if k <= 0 or k >= n:
+        return torch.full(scores.shape, k > 0, dtype=torch.bool, device=scores.device)
+    if flat.device.type != "cpu":
+        mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        mask[torch.topk(flat, k, largest=largest, sorted=False).indices] = True
+        return mask.view(scores.shape)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()  # exact and order-preserving for fp16/bf16, which NumPy lacks
+    return torch.from_numpy(_select(flat.numpy(), k, largest)).view(scores.shape)
 
 
-def _bracketed_topk(flat: torch.Tensor, k: int) -> torch.Tensor | None:
-    """Exact top-k mask via a sampled bracket [lo, hi] around the k-th largest value, or None
-    when the bracket misses (then the caller falls back to a full top-k)."""
-    n = flat.numel()
-    generator = torch.Generator(device=flat.device).manual_seed(n)
-    picks = torch.randint(n, (_SAMPLE,), generator=generator, device=flat.device)
-    sample = flat[picks]
-    q = 1.0 - k / n  # ascending rank of the k-th largest, as a share
-    margin = 6.0 * math.sqrt(max(q * (1.0 - q), 1.0 / _SAMPLE) / _SAMPLE) + 2.0 / _SAMPLE
-    lo_index = math.floor((q - margin) * _SAMPLE)
-    hi_index = math.ceil((q + margin) * _SAMPLE)
-    if lo_index < 0 or hi_index >= _SAMPLE:
-        return None
-    # Two order statistics of the sample: ten times faster than sorting it.
-    lo = torch.kthvalue(sample, lo_index + 1).values
-    hi = torch.kthvalue(sample, hi_index + 1).values
-    above = flat > hi
-    n_above = int(torch.count_nonzero(above))
-    if n_above > k:
-        return None
-    band_index = ((flat >= lo) & ~above).nonzero().squeeze(1)
-    if n_above + band_index.numel() < k:
-        return None
-    chosen = torch.topk(flat[band_index], k - n_above, sorted=False).indices
-    above[band_index[chosen]] = True
-    return above
+def _select(a: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """Exact mask of the k largest (or smallest) entries of `a`, 0 < k < a.size.
+
+    A sample of the scores brackets the cut (the k-th value) between two sample quantiles
+    [lo, hi]; everything above `hi` is in, everything below `lo` is out, and only the few scores
+    strictly inside are partitioned to find the cut. Any cut is then verified: every score above
+    it selected, none below, exactly k in all (ties at the cut left out by position). A bracket
+    that misses (rare: a 3-sigma margin) falls back to a full partition: exact either way.
+    """
+    if not largest:
+        a = -a
+    n = a.size
+    if n > _BRACKET_ABOVE:
+        # Every stride-th score: free to take, and a stride coprime with 2, 3 and 5 walks
+        # through all the columns of a ViT weight instead of a fixed few.
+        stride = n // _SAMPLE
+        while math.gcd(stride, 30) != 1:
+            stride += 1
+        sample = a[::stride].copy()
+        size = sample.size
+        q = 1.0 - k / n  # ascending rank of the cut, as a share
+        margin = 3.0 * math.sqrt(max(q * (1.0 - q), 1.0 / size) / size) + 1.0 / size
+        lo_index, hi_index = math.floor((q - margin) * size), math.ceil((q + margin) * size)
+        sample.partition([i for i in (lo_index, hi_index) if 0 <= i < size])
+        # A bracket side past the sample's end is open: the band reaches the extreme scores.
+        lo = sample[lo_index] if lo_index >= 0 else -np.inf
+        hi = sample[hi_index] if hi_index < size else np.inf
+        # Scores tied with lo or hi stay out of the partition: many equal scores (zeros, most
+        # often) would make it slow, and they can only be the cut itself.
+        at_or_above_hi = int(np.count_nonzero(a >= hi))
+        if at_or_above_hi >= k:
+            cut = hi
+        else:
+            inner = a[(a > lo) & (a < hi)]
+            need = k - at_or_above_hi
+            cut = (
+                np.partition(inner, inner.size - need)[inner.size - need]
+                if need <= inner.size
+                else lo
+            )
+        mask = a >= cut
+        extra = int(np.count_nonzero(mask)) - k
+        if extra == 0:
+            return mask
+        if extra > 0:
+            ties = np.flatnonzero(a == cut)
+            if ties.size >= extra:
+                mask[ties[ties.size - extra :]] = False
+                return mask
+    mask = np.zeros(n, dtype=bool)
+    mask[np.argpartition(a, n - k)[n - k :]] = True
+    return mask
 
 
 def random_scores(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
