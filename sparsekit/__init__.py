@@ -4,6 +4,9 @@ Public API (everything else is internal and may change)::
 
     recipe = sparsekit.load_recipe("recipes/svite_small.yaml", ["training.epochs=30"])
     session = sparsekit.Session.from_recipe(recipe, model, optimizer, steps_per_epoch=len(loader))
+    ...  # train, then
+    sparsekit.export_run("runs/svite_small-deit_small", "export", compact=True)
+    model = sparsekit.load_compact("export")  # a plain timm model, pruned heads removed
 """
 
 from sparsekit.errors import RecipeError, SparsekitError
@@ -18,6 +21,9 @@ __all__ = [
     "Timeline",
     "compile_recipe",
     "dump_recipe",
+    "export_model",
+    "export_run",
+    "load_compact",
     "load_recipe",
 ]
 
@@ -36,4 +42,8 @@ def __getattr__(name: str):
         from sparsekit.timeline import Timeline
 
         return Timeline
+    if name in ("export_model", "export_run", "load_compact"):
+        import sparsekit.export
+
+        return getattr(sparsekit.export, name)
     raise AttributeError(f"module 'sparsekit' has no attribute {name!r}")

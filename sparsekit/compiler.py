@@ -50,7 +50,8 @@ def _check_dense_windows(modifiers: list[Modifier]) -> None:
         if warm.kind != "dense_warmup":
             continue
         for j, sparse in enumerate(modifiers):
-            if sparse.masks_owned() and sparse.start_step < warm.end_step:
+            owns = sparse.masks_owned() or sparse.units_owned()
+            if owns and sparse.start_step < warm.end_step:
                 raise RecipeError(
                     f"phases[{j}] ({sparse.kind}) starts at step {sparse.start_step}, inside the "
                     f"dense warm-up phases[{i}] that ends at step {warm.end_step}; set its start "
@@ -61,7 +62,7 @@ def _check_dense_windows(modifiers: list[Modifier]) -> None:
 def _check_owned_weights(modifiers: list[Modifier]) -> None:
     owner: dict[str, int] = {}
     for index, modifier in enumerate(modifiers):
-        for name in modifier.masks_owned():
+        for name in [*modifier.masks_owned(), *modifier.units_owned()]:
             if name in owner:
                 raise RecipeError(
                     f"phases[{owner[name]}] and phases[{index}] both make {name} sparse; masks "

@@ -67,6 +67,8 @@ class Session:
     def after_optimizer_step(self) -> None:
         for m in self.modifiers:
             m.after_optimizer_step(self)
+        for m in self.modifiers:
+            m.on_update(self)
         self.step += 1
 
     def epoch_end(self) -> None:
@@ -92,6 +94,13 @@ class Session:
         out: dict[str, torch.Tensor] = {}
         for m in self.modifiers:
             out.update(m.masks())
+        return out
+
+    def unit_masks(self) -> dict[str, torch.Tensor]:
+        """Keep-masks of gated heads ("blocks.3.attn") and neurons ("blocks.3.mlp")."""
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modifiers:
+            out.update(m.unit_masks())
         return out
 
     # --- resume ----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from sparsekit.cli import apply as apply_cmd
+from sparsekit.cli import export as export_cmd
+from sparsekit.cli import inspect as inspect_cmd
 from sparsekit.cli import recipe as recipe_cmd
 
 app = typer.Typer(
@@ -15,6 +17,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("apply")(apply_cmd.apply)
+app.command("export")(export_cmd.export)
+app.command("inspect")(inspect_cmd.inspect)
 app.add_typer(recipe_cmd.app, name="recipe")
 
 

@@ -1,6 +1,10 @@
 """Modifiers: recipe phases at run time. Importing this package registers every kind."""
 
-from sparsekit.modifiers import dense_warmup, unstructured_dst  # noqa: F401  (registration)
+from sparsekit.modifiers import (  # noqa: F401  (registration)
+    dense_warmup,
+    head_prune_grow,
+    unstructured_dst,
+)
 from sparsekit.modifiers.base import Modifier
 from sparsekit.modifiers.registry import MODIFIERS
 

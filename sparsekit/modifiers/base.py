@@ -49,7 +49,12 @@ class Modifier:
         """Gradients are ready (and unscaled under AMP); the optimizer has not stepped yet."""
 
     def after_optimizer_step(self, session: Session) -> None:
-        """The optimizer has stepped; `session.step` still names the step just taken."""
+        """The optimizer has stepped; restore invariants (masked weights, frozen units).
+        `session.step` still names the step just taken."""
+
+    def on_update(self, session: Session) -> None:
+        """After every modifier's `after_optimizer_step`: the moment for prune/grow decisions,
+        so no modifier's update is undone by another's restoring its invariants."""
 
     def on_epoch_end(self, session: Session) -> None:
         """After the last batch of an epoch."""
@@ -63,6 +68,14 @@ class Modifier:
 
     def masks(self) -> dict[str, Any]:
         """Boolean keep-masks of the weights this modifier makes sparse, by parameter name."""
+        return {}
+
+    def units_owned(self) -> list[str]:
+        """Names of the attention and MLP blocks whose heads or neurons this modifier gates."""
+        return []
+
+    def unit_masks(self) -> dict[str, Any]:
+        """Boolean keep-masks of heads ("blocks.3.attn") and neurons ("blocks.3.mlp")."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

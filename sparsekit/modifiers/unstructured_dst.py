@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sparsekit.modifiers.base import Modifier
+from sparsekit.modifiers.prune_grow import PruneGrowModifier
 from sparsekit.modifiers.registry import register
-from sparsekit.modifiers.schedules import decayed_fraction, is_update_step, next_update
+from sparsekit.modifiers.schedules import next_update
 from sparsekit.recipe.schema import UnstructuredDSTPhase
 from sparsekit.surgery.masks import layer_budgets, random_scores, topk_mask
 from sparsekit.surgery.targets import Target, find_targets
@@ -30,11 +30,10 @@ _ZERO_PRESERVING = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 
 if TYPE_CHECKING:
     from sparsekit.session import Session
-    from sparsekit.timeline import Timeline
 
 
 @register("unstructured_dst")
-class UnstructuredDST(Modifier):
+class UnstructuredDST(PruneGrowModifier):
     """Masks appear at `start_step`, change every `update_every` steps until `end_step`, and stay
     fixed until the run ends."""
 
@@ -50,15 +49,11 @@ class UnstructuredDST(Modifier):
         update_every: int,
         seed: int,
     ):
-        super().__init__(config, model, start_step, end_step)
+        super().__init__(config, model, start_step, end_step, targets, update_every, seed)
         self.targets = targets
-        self.update_every = max(1, update_every)
-        self.seed = seed
         self.budgets = layer_budgets(
             [tuple(t.weight.shape) for t in targets], config.sparsity, config.distribution
         )
-        self.initialized = False
-        self.updates_done = 0
         self._masks: dict[str, torch.Tensor] = {}
         # The mask as 0/1 in the weight's dtype: multiplying by it is ~8x faster on CPU than
         # masked_fill_ with a bool mask, and it runs on every step.
@@ -67,31 +62,10 @@ class UnstructuredDST(Modifier):
         self._grad_sum: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def build(
-        cls, config: UnstructuredDSTPhase, model: nn.Module, timeline: Timeline, seed: int
-    ) -> UnstructuredDST:
-        targets = find_targets(
+    def find(cls, config: UnstructuredDSTPhase, model: nn.Module) -> list[Target]:
+        return find_targets(
             model, list(config.targets.roles), config.targets.include, config.targets.exclude
         )
-        return cls(
-            config,
-            model,
-            timeline.steps(config.start),
-            timeline.steps(config.end),
-            targets,
-            update_every=timeline.steps(config.update_every),
-            seed=seed,
-        )
-
-    # --- lifecycle -------------------------------------------------------------------------
-    def active(self, step: int) -> bool:
-        """Acting on the model from `start_step` on: masks outlive the update window."""
-        return step >= self.start_step
-
-    def on_batch_start(self, session: Session) -> None:
-        if not self.initialized and session.step >= self.start_step:
-            self._initialize_masks(session.optimizer)
-            session.record(self, {"event": "mask_init", "step": session.step})
 
     def before_optimizer_step(self, session: Session) -> None:
         if not self.initialized:
@@ -112,17 +86,12 @@ class UnstructuredDST(Modifier):
             grad.mul_(self._keep[t.name])
 
     def after_optimizer_step(self, session: Session) -> None:
-        if not self.initialized:
-            return
-        if type(session.optimizer) not in _ZERO_PRESERVING:
+        if self.initialized and type(session.optimizer) not in _ZERO_PRESERVING:
             self._apply_masks()
-        count = session.step + 1
-        if is_update_step(count, self.start_step, self.end_step, self.update_every):
-            session.record(self, self._prune_and_grow(count, session.optimizer))
 
     # --- masks -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _initialize_masks(self, optimizer: torch.optim.Optimizer | None) -> None:
+    def initialize(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(self.seed)
         for t, budget in zip(self.targets, self.budgets, strict=True):
             w = t.weight
@@ -131,25 +100,20 @@ class UnstructuredDST(Modifier):
             else:
                 scores = random_scores(w.shape, generator).to(w.device)
             self._set_mask(t.name, topk_mask(scores, budget))
-        self.initialized = True
         self._apply_masks()
         self._zero_optimizer_state(optimizer)
+        return {}
 
     @torch.no_grad()
-    def _prune_and_grow(
-        self, count: int, optimizer: torch.optim.Optimizer | None
+    def prune_and_grow(
+        self, fraction: float, optimizer: torch.optim.Optimizer | None
     ) -> dict[str, Any]:
-        progress = (count - self.start_step) / max(1, self.end_step - self.start_step)
-        fraction = decayed_fraction(
-            self.config.update_fraction, progress, self.config.fraction_decay
-        )
         grown = [
             self._update_layer(index, t, fraction, optimizer)
             for index, t in enumerate(self.targets)
         ]
         self._grad_sum.clear()
-        self.updates_done += 1
-        return {"event": "mask_update", "step": count, "fraction": fraction, "regrown": sum(grown)}
+        return {"regrown": sum(grown)}
 
     @torch.no_grad()
     def _update_layer(

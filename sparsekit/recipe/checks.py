@@ -7,10 +7,16 @@ those again in steps.
 
 from __future__ import annotations
 
-from sparsekit.recipe.schema import DenseWarmupPhase, Recipe, UnstructuredDSTPhase
+from sparsekit.recipe.schema import (
+    DenseWarmupPhase,
+    HeadPruneGrowPhase,
+    Recipe,
+    UnstructuredDSTPhase,
+)
 from sparsekit.recipe.span import Span
 
 Problem = tuple[tuple[str | int, ...], str]
+_SPARSE = (UnstructuredDSTPhase, HeadPruneGrowPhase)  # phase kinds whose masks outlive them
 
 
 def check_recipe(recipe: Recipe) -> list[Problem]:
@@ -46,18 +52,29 @@ def _check_windows(recipe: Recipe) -> list[Problem]:
             problems.append(
                 (("phases", i, "end"), f"end ({phase.end}) must come after start ({phase.start})")
             )
-        if isinstance(phase, UnstructuredDSTPhase) and phase.update_every.value == 0:
+        if isinstance(phase, _SPARSE) and phase.update_every.value == 0:
             problems.append((("phases", i, "update_every"), "update_every must be greater than 0"))
     return problems
 
 
 def _check_overlaps(recipe: Recipe) -> list[Problem]:
-    """Dense warm-up must precede sparsity; two DST phases must not own the same weights."""
+    """Dense warm-up must precede sparsity; two DST phases must not own the same weights, and
+    two head phases would gate the same blocks."""
     epochs = recipe.training.epochs
     problems: list[Problem] = []
     dst = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, UnstructuredDSTPhase)]
+    heads = [i for i, p in enumerate(recipe.phases) if isinstance(p, HeadPruneGrowPhase)]
+    sparse = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, _SPARSE)]
     warmups = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, DenseWarmupPhase)]
-    for i, phase in dst:
+    for j in heads[1:]:
+        problems.append(
+            (
+                ("phases", j, "kind"),
+                f"phases[{heads[0]}] and phases[{j}] are both head_prune_grow; they would gate "
+                "the same heads at once. Keep one (it may set both head_density and mlp_density)",
+            )
+        )
+    for i, phase in sparse:
         for j, warm in warmups:
             pair = _comparable(phase.start, warm.end, epochs)
             if pair is not None and pair[0] < pair[1] - 1e-9:

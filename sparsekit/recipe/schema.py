@@ -109,7 +109,40 @@ class UnstructuredDSTPhase(_Phase):
     targets: Targets = Targets()
 
 
-PHASES = (DenseWarmupPhase, UnstructuredDSTPhase)  # add a new phase kind here
+class HeadPruneGrowPhase(_Phase):
+    """S2ViTE: structured prune-and-grow of attention heads, and optionally of MLP neurons.
+
+    Each block keeps a fixed share of its heads (and neurons); at every update the lowest-scoring
+    active units (first-order Taylor importance) are switched off and as many of the best
+    inactive ones (gradient at their gate) are switched on. Masks appear at `start` and stay
+    until the run ends; `end` is when updates stop.
+    """
+
+    kind: Literal["head_prune_grow"]
+    end: Span = Field(Span(0.8, "fraction"), description="When prune-and-grow updates stop.")
+    head_density: float = Field(
+        gt=0, le=1, description="Share of each block's heads kept (the paper's attention density)."
+    )
+    mlp_density: float | None = Field(
+        None, gt=0, le=1, description="Share of each block's MLP neurons kept; null: MLP whole."
+    )
+    min_heads: int = Field(1, ge=1, le=1024, description="Fewest heads any block keeps.")
+    budget: Literal["per_block", "global"] = Field(
+        "per_block",
+        description="per_block: every block keeps the same share; global: units move between "
+        "blocks, the total stays fixed.",
+    )
+    init: Literal["random", "magnitude"] = Field(
+        "random", description="First mask: random, or the units with the largest weights."
+    )
+    update_every: Span = Field(Span(1, "epochs"), description="Time between prune/grow updates.")
+    update_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of active units replaced at the first update."
+    )
+    fraction_decay: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+PHASES = (DenseWarmupPhase, UnstructuredDSTPhase, HeadPruneGrowPhase)  # add a new kind here
 Phase = Annotated[Union[PHASES], Field(discriminator="kind")]  # noqa: UP007 (built from a tuple)
 PHASE_KINDS: tuple[str, ...] = tuple(p.model_fields["kind"].annotation.__args__[0] for p in PHASES)
 

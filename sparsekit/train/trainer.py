@@ -198,6 +198,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
                 out / "checkpoint.pt",
                 {
                     "epoch": epoch + 1,
+                    "steps_per_epoch": len(loader),
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
@@ -261,12 +262,21 @@ def summary_table(summary: dict[str, Any], out: Path) -> Table:
         ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
         ("val accuracy (final)", f"{summary['val_acc']:.4f}"),
         ("val accuracy (best)", f"{summary['best_val_acc']:.4f}"),
-        (
-            "sparsity of targets",
-            f"{sp['global_sparsity']:.4f} ({sp['masked_kept']:,} of {sp['masked_params']:,} kept)",
-        ),
-        ("non-zero parameters", f"{sp['nonzero_params']:,} of {sp['total_params']:,}"),
     ]
+    if sp["masked_params"]:
+        rows.append(
+            (
+                "sparsity of targets",
+                f"{sp['global_sparsity']:.4f} ({sp['masked_kept']:,} of {sp['masked_params']:,} "
+                "kept)",
+            )
+        )
+    rows.append(("non-zero parameters", f"{sp['nonzero_params']:,} of {sp['total_params']:,}"))
+    for kind, suffix in (("heads", ".attn"), ("MLP neurons", ".mlp")):
+        units = [u for name, u in summary["units"].items() if name.endswith(suffix)]
+        if units:
+            kept, total = sum(u["kept"] for u in units), sum(u["total"] for u in units)
+            rows.append((f"{kind} kept", f"{kept:,} of {total:,} ({kept / total:.3f})"))
     for key, value in rows:
         table.add_row(key, str(value))
     return table
@@ -411,6 +421,10 @@ def _summary(
         "updates": sum(1 for r in records if r.get("event") == "mask_update"),
         "time_s": last.get("time_s", 0.0),
         "sparsity": sparsity_report(model, session.masks()),
+        "units": {
+            name: {"kept": int(keep.sum()), "total": keep.numel()}
+            for name, keep in session.unit_masks().items()
+        },
     }
 
 

@@ -1,0 +1,103 @@
+"""Parameters and FLOPs of a timm ViT, plain or compacted, counted from its modules.
+
+FLOPs are 2 x multiply-adds of the matrix products that dominate a ViT: the patch embedding,
+every Linear in each block, attention scores and their weighted sum (4 N^2 x attn_dim per
+block, N tokens), and the classifier head. Norms, softmax, activations and additions are left
+out; they are around 1% of a ViT's work. FLOPs are per image, for dense kernels: unstructured
+zeros do not reduce them (`density` reports those separately).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsekit.surgery.units import UnitGroup
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """What one transformer block keeps and costs."""
+
+    heads: int
+    head_dim: int
+    mlp_hidden: int
+    params: int
+    nonzero: int  # non-zero entries of the block's Linear weights
+    linear_weights: int  # all entries of the block's Linear weights
+    flops: int
+
+    @property
+    def density(self) -> float:
+        return self.nonzero / self.linear_weights if self.linear_weights else 1.0
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Per-block costs and the totals of the whole model."""
+
+    blocks: list[BlockCost]
+    tokens: int
+    params: int
+    nonzero_params: int
+    flops: int
+
+
+def tokens_of(model: nn.Module) -> int:
+    """Sequence length the blocks see: patches plus class, distillation and register tokens."""
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
+@torch.no_grad()
+def model_cost(model: nn.Module) -> ModelCost:
+    n = tokens_of(model)
+    blocks = [_block_cost(block, n) for block in model.blocks]
+    flops = sum(b.flops for b in blocks) + _patch_embed_flops(model) + _head_flops(model)
+    params = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    return ModelCost(blocks, n, params, nonzero, flops)
+
+
+def _block_cost(block: nn.Module, n: int) -> BlockCost:
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    flops = sum(2 * n * m.in_features * m.out_features for m in linears)
+    flops += 4 * n * n * block.attn.attn_dim
+    return BlockCost(
+        heads=block.attn.num_heads,
+        head_dim=block.attn.head_dim,
+        mlp_hidden=block.mlp.fc2.in_features,
+        params=sum(p.numel() for p in block.parameters()),
+        nonzero=sum(int(torch.count_nonzero(m.weight)) for m in linears),
+        linear_weights=sum(m.weight.numel() for m in linears),
+        flops=flops,
+    )
+
+
+def _patch_embed_flops(model: nn.Module) -> int:
+    proj = model.patch_embed.proj
+    if not isinstance(proj, nn.Conv2d):
+        return 0
+    per_patch = proj.weight.numel()  # out x in x kh x kw multiply-adds for each patch
+    return 2 * model.patch_embed.num_patches * per_patch
+
+
+def _head_flops(model: nn.Module) -> int:
+    heads = [getattr(model, name, None) for name in ("head", "head_dist")]
+    return sum(2 * h.in_features * h.out_features for h in heads if isinstance(h, nn.Linear))
+
+
+def params_removed(groups: dict[str, UnitGroup], unit_masks: dict[str, torch.Tensor]) -> int:
+    """Parameters that compaction must remove, from the unit layout alone: per dropped unit,
+    its rows (and biases) in every producer and its columns in the consumer."""
+    removed = 0
+    for name, keep in unit_masks.items():
+        group = groups[name]
+        per_unit = sum(
+            chunks * group.width * (p.in_features + (p.bias is not None))
+            for p, chunks in group.rows
+        )
+        per_unit += group.width * group.consumer.out_features
+        removed += int((~keep.to(torch.bool)).sum()) * per_unit
+    return removed

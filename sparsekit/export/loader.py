@@ -1,0 +1,103 @@
+"""Load an export back as a plain timm model: rebuilt from the manifest in its safetensors
+metadata (model name, keyword arguments, heads and MLP width per block), never from pickles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from sparsekit.errors import SparsekitError
+from sparsekit.export.manifest import FORMAT_VERSION, METADATA_KEY, Manifest, tensors_sha256
+from sparsekit.models import ModelSpec, create_model
+from sparsekit.surgery.compact import shrink_
+
+
+def read_export(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """The manifest and tensors of an export (its folder or its model.safetensors), checked.
+
+    Raises:
+        SparsekitError: missing, truncated or corrupt file, not a sparsekit export, another
+            format version, or tensors that do not match the hash in the metadata.
+    """
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise SparsekitError(
+            f"{file} does not exist; give an export folder (made by `sparsekit export`) or its "
+            "model.safetensors."
+        )
+    try:
+        with safe_open(file, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise SparsekitError(
+            f"{file} is not a readable safetensors file ({err}); it is truncated or corrupt. "
+            "Export it again with `sparsekit export`."
+        ) from None
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        raise SparsekitError(
+            f"{file} has no sparsekit manifest in its metadata: it was not written by "
+            "`sparsekit export`, so the pruned architecture cannot be rebuilt from it."
+        )
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValidationError as err:
+        raise SparsekitError(
+            f"{file}: its sparsekit manifest is malformed ({err.errors()[0]['msg']} at "
+            f"{'.'.join(str(p) for p in err.errors()[0]['loc'])}); export it again."
+        ) from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise SparsekitError(
+            f"{file} is export format {manifest.format_version}; this sparsekit reads format "
+            f"{FORMAT_VERSION}. Use the sparsekit version that wrote it "
+            f"({manifest.sparsekit_version}) or export it again."
+        )
+    if tensors_sha256(tensors) != manifest.tensors_sha256:
+        raise SparsekitError(
+            f"{file}: the tensors do not match the hash recorded when it was exported, so the "
+            "file was modified or damaged after export. Export it again from the run folder."
+        )
+    return manifest, tensors
+
+
+def load_compact(path: str | Path) -> nn.Module:
+    """Rebuild the exported model (compacted or masked) as a plain timm model in eval mode.
+
+    Raises:
+        SparsekitError: see `read_export`; also a manifest that does not fit its tensors.
+    """
+    manifest, tensors = read_export(path)
+    model = create_model(ModelSpec(manifest.model, manifest.model_kwargs))
+    if len(manifest.blocks) != len(model.blocks):
+        raise SparsekitError(
+            f"{path}: the manifest lists {len(manifest.blocks)} blocks but {manifest.model} "
+            f"with its arguments has {len(model.blocks)}; the file is inconsistent."
+        )
+    sizes: dict[str, int] = {}
+    for i, (shape, block) in enumerate(zip(manifest.blocks, model.blocks, strict=True)):
+        if shape.head_dim != block.attn.head_dim:
+            raise SparsekitError(
+                f"{path}: block {i} has head width {shape.head_dim} in the manifest but "
+                f"{block.attn.head_dim} in {manifest.model}; the file is inconsistent."
+            )
+        if shape.heads != block.attn.num_heads:
+            sizes[f"blocks.{i}.attn"] = shape.heads
+        if shape.mlp_hidden != block.mlp.fc2.in_features:
+            sizes[f"blocks.{i}.mlp"] = shape.mlp_hidden
+    if sizes:
+        shrink_(model, sizes)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:3]
+        raise SparsekitError(
+            f"{path}: its tensors do not fit the architecture its manifest describes "
+            f"({' '.join(s.strip() for s in first)}); the file is inconsistent."
+        ) from None
+    return model.eval()

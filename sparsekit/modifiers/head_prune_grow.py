@@ -1,0 +1,292 @@
+"""S2ViTE: structured prune-and-grow of attention heads (and optionally MLP neurons).
+
+Unlike the reference implementation:
+- a pruned head or neuron contributes exactly nothing (it is gated at the input of `proj` /
+  `fc2`, so its biases cannot leak), and the masked model equals the compacted export;
+- growth explores: an inactive unit keeps its weights and still computes its output, so the
+  gradient at its gate says what turning it on would gain, even for a unit never active before;
+- inactive units are frozen: their gradients are exactly 0, and their weights are restored after
+  each optimizer step, so weight decay does not erode them either; their optimizer state is
+  zeroed when they are pruned and when they are grown.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sparsekit.errors import RecipeError
+from sparsekit.modifiers.prune_grow import PruneGrowModifier
+from sparsekit.modifiers.registry import register
+from sparsekit.recipe.schema import HeadPruneGrowPhase
+from sparsekit.surgery.units import UnitGate, UnitGroup, head_groups, neuron_groups
+
+if TYPE_CHECKING:
+    from sparsekit.session import Session
+
+# A slice of a parameter that belongs to some units: (tensor, dim, index).
+Slice = tuple[torch.Tensor, int, torch.Tensor]
+
+
+@register("head_prune_grow")
+class HeadPruneGrow(PruneGrowModifier):
+    """Unit masks appear at `start_step`, change every `update_every` steps until `end_step`,
+    and stay fixed until the run ends."""
+
+    config: HeadPruneGrowPhase
+
+    def __init__(
+        self,
+        config: HeadPruneGrowPhase,
+        model: nn.Module,
+        start_step: int,
+        end_step: int,
+        groups: list[UnitGroup],
+        update_every: int,
+        seed: int,
+    ):
+        super().__init__(config, model, start_step, end_step, groups, update_every, seed)
+        self.groups = groups
+        self.minimum = {g.name: self._minimum(g) for g in groups}
+        self.budgets = {g.name: self._budget(g) for g in groups}
+        self.keeps: dict[str, torch.Tensor] = {}
+        self.scores: dict[str, torch.Tensor] = {}  # sum of |dL/dgate| since the last update
+        self.batches = 0
+        self._gates: dict[str, UnitGate] = {}
+        self._frozen: list[Slice] = []
+        self._snapshot: list[torch.Tensor] = []
+
+    @classmethod
+    def find(cls, config: HeadPruneGrowPhase, model: nn.Module) -> list[UnitGroup]:
+        groups = head_groups(model)
+        if config.mlp_density is not None:
+            groups += neuron_groups(model)
+        heads = min(g.units for g in groups if g.kind == "heads")
+        if config.min_heads > heads:
+            raise RecipeError(
+                f"min_heads is {config.min_heads}, but this model's blocks have {heads} heads; "
+                f"set min_heads to {heads} or fewer."
+            )
+        return groups
+
+    def _minimum(self, group: UnitGroup) -> int:
+        return self.config.min_heads if group.kind == "heads" else 1
+
+    def _budget(self, group: UnitGroup) -> int:
+        density = self.config.head_density if group.kind == "heads" else self.config.mlp_density
+        return min(group.units, max(self._minimum(group), round(density * group.units)))
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def before_optimizer_step(self, session: Session) -> None:
+        if not self.initialized:
+            return
+        scoring = session.step + 1 < self.end_step  # updates are still to come
+        for name, gate in self._gates.items():
+            grad = gate.take_grad()
+            if scoring and grad is not None:
+                # A step whose fp16 gradients overflowed carries no ranking: count it as 0.
+                self.scores[name] += grad.nan_to_num_(0.0, posinf=0.0).to(torch.float64)
+        if scoring:
+            self.batches += 1
+        if _may_move_frozen(session.optimizer):
+            with torch.no_grad():
+                self._snapshot = [t.index_select(dim, index) for t, dim, index in self._frozen]
+
+    @torch.no_grad()
+    def after_optimizer_step(self, session: Session) -> None:
+        # Weight decay moves weights whose gradient is 0: put the frozen units back.
+        for (t, dim, index), saved in zip(self._frozen, self._snapshot, strict=False):
+            t.index_copy_(dim, index, saved)
+        self._snapshot = []
+
+    # --- masks -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(self.seed)
+        for g in self.groups:
+            if self.config.init == "magnitude":
+                score = _unit_norms(g)
+            else:
+                score = torch.rand(g.units, generator=generator)
+            keep = torch.zeros(g.units, dtype=torch.bool)
+            keep[_top(score, self.budgets[g.name])] = True
+            self.keeps[g.name] = keep
+        self.scores = {g.name: _zeros_beside(g) for g in self.groups}
+        self.batches = 0
+        self._install()
+        _zero_state(optimizer, self._slices({n: ~k for n, k in self.keeps.items()}))
+        return self._counts()
+
+    @torch.no_grad()
+    def prune_and_grow(
+        self, fraction: float, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
+        scores = {n: s.cpu() / max(1, self.batches) for n, s in self.scores.items()}
+        old = {n: k.clone() for n, k in self.keeps.items()}
+        for kind in ("heads", "neurons"):
+            groups = [g for g in self.groups if g.kind == kind]
+            if not groups:
+                continue
+            if self.config.budget == "global":
+                self._swap(groups, scores, fraction)
+            else:
+                for g in groups:
+                    self._swap([g], scores, fraction)
+        changed = {n: old[n] ^ self.keeps[n] for n in self.keeps}
+        self._install()
+        _zero_state(optimizer, self._slices(changed))
+        self.scores = {n: torch.zeros_like(s) for n, s in self.scores.items()}
+        self.batches = 0
+        swapped = {
+            kind: sum(int(changed[g.name].sum()) // 2 for g in self.groups if g.kind == kind)
+            for kind in ("heads", "neurons")
+        }
+        return {
+            "heads_swapped": swapped["heads"],
+            "neurons_swapped": swapped["neurons"],
+            **self._counts(),
+        }
+
+    def _swap(self, groups: list[UnitGroup], scores: dict[str, torch.Tensor], fraction: float):
+        """Prune the lowest-scoring kept units of `groups` (never below a group's minimum), then
+        grow as many of the highest-scoring units not kept; just-pruned units compete too."""
+        keep = torch.cat([self.keeps[g.name] for g in groups])
+        score = torch.cat([scores[g.name] for g in groups])
+        owner = torch.cat([torch.full((g.units,), i) for i, g in enumerate(groups)])
+        room = [int(self.keeps[g.name].sum()) - self.minimum[g.name] for g in groups]
+        active = int(keep.sum())
+        n_swap = min(math.ceil(fraction * active), keep.numel() - active)
+        pruned: list[int] = []
+        for unit in _order(score, keep, ascending=True):
+            if len(pruned) == n_swap:
+                break
+            if room[owner[unit]] > 0:
+                room[owner[unit]] -= 1
+                pruned.append(unit)
+        keep[pruned] = False
+        grown = _order(score, ~keep, ascending=False)[: len(pruned)]
+        keep[grown] = True
+        offset = 0
+        for g in groups:
+            self.keeps[g.name] = keep[offset : offset + g.units].clone()
+            offset += g.units
+
+    def _install(self) -> None:
+        """Point the gates at the current masks and list the slices that are frozen."""
+        for g in self.groups:
+            if g.name in self._gates:
+                self._gates[g.name].set(self.keeps[g.name])
+            else:
+                self._gates[g.name] = UnitGate(g, self.keeps[g.name])
+        self._frozen = self._slices({n: ~k for n, k in self.keeps.items()})
+
+    def _slices(self, selected: dict[str, torch.Tensor]) -> list[Slice]:
+        """Every parameter slice that belongs to the selected units: producer rows and biases,
+        consumer columns."""
+        out: list[Slice] = []
+        for g in self.groups:
+            units = selected[g.name]
+            if not units.any():
+                continue
+            for producer, chunks in g.rows:
+                rows = g.row_index(units, chunks)
+                out.append((producer.weight, 0, rows))
+                if producer.bias is not None:
+                    out.append((producer.bias, 0, rows))
+            out.append((g.consumer.weight, 1, g.column_index(units)))
+        return out
+
+    def _counts(self) -> dict[str, int]:
+        return {
+            f"{kind}_kept": sum(
+                int(self.keeps[g.name].sum()) for g in self.groups if g.kind == kind
+            )
+            for kind in ("heads", "neurons")
+        }
+
+    # --- reporting and resume --------------------------------------------------------------
+    def units_owned(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def unit_masks(self) -> dict[str, torch.Tensor]:
+        return dict(self.keeps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initialized": self.initialized,
+            "updates_done": self.updates_done,
+            "keeps": dict(self.keeps),
+            "scores": {n: s.cpu() for n, s in self.scores.items()},
+            "batches": self.batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = {g.name for g in self.groups}
+        if set(state["keeps"]) != names:
+            raise ValueError(
+                f"checkpoint unit masks name blocks {sorted(state['keeps'])[:3]}..., this model "
+                f"has {sorted(names)[:3]}..."
+            )
+        self.initialized = bool(state["initialized"])
+        self.updates_done = int(state["updates_done"])
+        self.keeps = {n: k.to(torch.bool).cpu() for n, k in state["keeps"].items()}
+        groups = {g.name: g for g in self.groups}
+        self.scores = {
+            n: s.to(_zeros_beside(groups[n]).device, torch.float64)
+            for n, s in state["scores"].items()
+        }
+        self.batches = int(state["batches"])
+        if self.initialized:
+            self._install()
+
+
+def _zeros_beside(group: UnitGroup) -> torch.Tensor:
+    """A score accumulator on the model's device, so scoring a step never waits for it."""
+    return torch.zeros(group.units, dtype=torch.float64, device=group.consumer.weight.device)
+
+
+def _order(score: torch.Tensor, among: torch.Tensor, ascending: bool) -> list[int]:
+    """Indices of the units in `among`, by score; ties keep index order (deterministic)."""
+    index = among.nonzero().flatten()
+    order = torch.sort(score[index], descending=not ascending, stable=True).indices
+    return index[order].tolist()
+
+
+def _top(score: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(score, descending=True, stable=True).indices[:k]
+
+
+@torch.no_grad()
+def _unit_norms(group: UnitGroup) -> torch.Tensor:
+    """L2 norm of each unit's weights: its producer rows and its consumer columns."""
+    total = torch.zeros(group.units, dtype=torch.float64)
+    for producer, chunks in group.rows:
+        rows = producer.weight.detach().double().pow(2).sum(1).cpu()
+        total += rows.view(chunks, group.units, group.width).sum((0, 2))
+    cols = group.consumer.weight.detach().double().pow(2).sum(0).cpu()
+    total += cols.view(group.units, group.width).sum(1)
+    return total.sqrt()
+
+
+def _may_move_frozen(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether the optimizer can move a weight whose gradient is exactly 0: weight decay does
+    (AdamW's decoupled decay, or the L2 term of Adam and SGD); unknown optimizers might."""
+    if optimizer is None:
+        return True
+    if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD):
+        return True
+    return any(group.get("weight_decay", 0.0) for group in optimizer.param_groups)
+
+
+@torch.no_grad()
+def _zero_state(optimizer: torch.optim.Optimizer | None, slices: list[Slice]) -> None:
+    """Zero the optimizer's per-weight tensors (Adam moments, momentum) on these slices."""
+    if optimizer is None:
+        return
+    for t, dim, index in slices:
+        for value in optimizer.state.get(t, {}).values():
+            if torch.is_tensor(value) and value.shape == t.shape:
+                value.index_fill_(dim, index, 0)

@@ -1,0 +1,148 @@
+"""Physical removal of pruned heads and neurons: smaller Linear layers, fewer heads per block.
+
+`compact_` slices, per attention block, the q, k and v rows (weights and biases) of the kept
+heads out of `qkv`, the matching input columns out of `proj` (and the rows of a gated
+attention's `gate`), and sets `num_heads`/`attn_dim`; per MLP block, the kept `fc1` rows and
+bias and `fc2` columns. The result is a plain timm model that runs only what was kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsekit.errors import SparsekitError
+from sparsekit.surgery.units import UnitGroup, head_groups, neuron_groups
+
+
+def unit_groups(model: nn.Module, names: list[str] | None = None) -> dict[str, UnitGroup]:
+    """The head and neuron groups of `model` by name ("blocks.3.attn", "blocks.3.mlp"),
+    reading only the kinds that `names` asks for (all when None)."""
+    wanted = names or []
+    groups: dict[str, UnitGroup] = {}
+    if names is None or any(n.endswith(".attn") for n in wanted):
+        groups.update((g.name, g) for g in head_groups(model))
+    if names is None or any(n.endswith(".mlp") for n in wanted):
+        groups.update((g.name, g) for g in neuron_groups(model))
+    return groups
+
+
+@torch.no_grad()
+def compact_(model: nn.Module, keeps: dict[str, torch.Tensor]) -> nn.Module:
+    """Remove, in place, every unit whose keep flag is False; return the model.
+
+    Args:
+        keeps: bool per unit, by group name ("blocks.3.attn": one per head, "blocks.3.mlp": one
+            per hidden neuron). Groups not named are left whole.
+
+    Raises:
+        SparsekitError: a name that is not a head or neuron group of this model, a keep vector
+            of the wrong length, or one that keeps no unit at all.
+    """
+    groups = unit_groups(model, list(keeps))
+    for name, keep in keeps.items():
+        group = groups.get(name)
+        if group is None:
+            raise SparsekitError(
+                f"{name!r} is not an attention or MLP block of this model; names look like "
+                "'blocks.0.attn' and 'blocks.0.mlp'."
+            )
+        keep = keep.to(torch.bool).flatten()
+        if keep.numel() != group.units:
+            raise SparsekitError(
+                f"{name} has {group.units} {group.kind}, but its keep mask has {keep.numel()}."
+            )
+        kept = int(keep.sum())
+        if kept == 0:
+            raise SparsekitError(f"{name} would keep no {group.kind}; keep at least one.")
+        if kept == group.units:
+            continue
+        for producer, chunks in group.rows:
+            _replace(group.module, producer, _sliced(producer, rows=group.row_index(keep, chunks)))
+        _replace(
+            group.module, group.consumer, _sliced(group.consumer, cols=group.column_index(keep))
+        )
+        if group.kind == "heads":
+            group.module.num_heads = kept
+            group.module.attn_dim = kept * group.width
+    return model
+
+
+@torch.no_grad()
+def bake_(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    unit_masks: dict[str, torch.Tensor],
+    compact: bool,
+) -> nn.Module:
+    """Turn a plain model plus a run's masks into the model the masks describe: unstructured
+    masks multiplied in, dropped heads and neurons removed (`compact`) or zeroed in place."""
+    for name, mask in masks.items():
+        model.get_parameter(name).mul_(mask.to(torch.bool))
+    if compact:
+        compact_(model, unit_masks)
+    elif unit_masks:
+        zero_units_(unit_groups(model, list(unit_masks)), unit_masks)
+    return model
+
+
+def shrink_(model: nn.Module, sizes: dict[str, int]) -> nn.Module:
+    """Give each named group its first `size` units: the shape of a compacted model, ready for
+    its weights to be loaded (which units were kept no longer matters once they are sliced)."""
+    keeps = {}
+    for name, group in unit_groups(model, list(sizes)).items():
+        if name in sizes:
+            keep = torch.zeros(group.units, dtype=torch.bool)
+            keep[: sizes[name]] = True
+            keeps[name] = keep
+    missing = set(sizes) - set(keeps)
+    if missing:
+        raise SparsekitError(f"this model has no blocks named {sorted(missing)}.")
+    return compact_(model, keeps)
+
+
+@torch.no_grad()
+def zero_units_(groups: dict[str, UnitGroup], keeps: dict[str, torch.Tensor]) -> None:
+    """Zero the weights of dropped units without changing shapes: the consumer's columns (which
+    alone silence a unit) and the producer's rows and biases (so the file shows it)."""
+    for name, keep in keeps.items():
+        group = groups[name]
+        drop = ~keep.to(torch.bool).flatten()
+        if not drop.any():
+            continue
+        group.consumer.weight[:, group.column_index(drop)] = 0
+        for producer, chunks in group.rows:
+            rows = group.row_index(drop, chunks)
+            producer.weight[rows] = 0
+            if producer.bias is not None:
+                producer.bias[rows] = 0
+
+
+def _sliced(
+    linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> nn.Linear:
+    weight, bias = linear.weight, linear.bias
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = bias.index_select(0, rows) if bias is not None else None
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    new = nn.Linear(
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    new.weight.copy_(weight)
+    if bias is not None:
+        new.bias.copy_(bias)
+    return new
+
+
+def _replace(parent: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for attr, child in parent.named_children():
+        if child is old:
+            setattr(parent, attr, new)
+            return
+    raise AssertionError(f"{type(old).__name__} is not a direct child of {type(parent).__name__}")

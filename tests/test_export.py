@@ -1,0 +1,250 @@
+"""Export and load: compacted == masked, on real runs and across the timm ViT family; corrupt,
+tampered and foreign files refused; interrupted exports leave nothing half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import sparsekit.export.writer as writer
+from sparsekit import Session, load_recipe
+from sparsekit.analysis.cost import model_cost, params_removed
+from sparsekit.cli.main import app
+from sparsekit.compiler import compile_recipe
+from sparsekit.errors import SparsekitError
+from sparsekit.export import export_model, export_run, load_compact, read_export
+from sparsekit.models import ModelSpec, create_model
+from sparsekit.recipe import dump_recipe
+from sparsekit.surgery.compact import unit_groups
+from sparsekit.timeline import Timeline
+from sparsekit.train.run_folder import open_run
+from sparsekit.train.trainer import RunConfig, train
+
+SMALL = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
+
+
+def combined_recipe(epochs: int = 2) -> dict:
+    """SViTE + S2ViTE in one recipe: unstructured DST and head/neuron prune-grow."""
+    return {
+        "name": "combined",
+        "training": {"epochs": epochs, "batch_size": 32, "schedule": {"warmup": 0}},
+        "phases": [
+            {"kind": "unstructured_dst", "sparsity": 0.5, "update_every": "2 steps"},
+            {
+                "kind": "head_prune_grow",
+                "head_density": 0.5,
+                "mlp_density": 0.5,
+                "update_every": "2 steps",
+            },
+        ],
+    }
+
+
+def train_steps(spec: ModelSpec, recipe: dict, steps: int):
+    """A few real training steps of `spec` under `recipe`; returns the gated model and session."""
+    torch.manual_seed(0)
+    model = create_model(spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    session = Session.from_recipe(load_recipe(recipe), model, optimizer, steps_per_epoch=steps)
+    size, chans = spec.kwargs.get("img_size", 32), spec.kwargs.get("in_chans", 3)
+    for _ in range(steps):
+        x, y = torch.randn(4, chans, size, size), torch.randint(0, 10, (4,))
+        session.batch_start()
+        F.cross_entropy(model(x), y).backward()
+        session.before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        session.after_optimizer_step()
+    return model.eval(), session
+
+
+def export_session(model, session, spec, out: Path, compact: bool = True):
+    """Export what `session` trained through the public API, from a fresh plain model."""
+    plain = create_model(spec)
+    plain.load_state_dict(model.state_dict())
+    return export_model(
+        plain, out, spec, session.masks(), session.unit_masks(), "name: x\n", compact=compact
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real run of the built-in trainer on the digits data, DST + heads + neurons."""
+    out = tmp_path_factory.mktemp("runs") / "combined"
+    config = RunConfig(model="deit_tiny", data="digits", output=out)
+    train(load_recipe(combined_recipe()), config, Console(quiet=True))
+    return out
+
+
+def gated_model(run_dir: Path) -> torch.nn.Module:
+    """The masked model exactly as it trained: gates on, unstructured masks in the weights."""
+    run = open_run(run_dir)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    model = create_model(run.spec)
+    model.load_state_dict(run.weights)
+    timeline = Timeline(run.recipe.training.epochs, ckpt["steps_per_epoch"])
+    session = Session(model, None, compile_recipe(run.recipe, model, timeline), timeline)
+    session.load_state_dict(ckpt["session"])
+    return model.eval()
+
+
+def test_compact_export_of_a_real_run_equals_the_masked_model(run_dir: Path, tmp_path) -> None:
+    run = open_run(run_dir)
+    masked = gated_model(run_dir)
+    manifest = export_run(run_dir, tmp_path / "compact", compact=True)
+    compact = load_compact(tmp_path / "compact")
+    export_run(run_dir, tmp_path / "masked", compact=False)
+    full = load_compact(tmp_path / "masked")
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        expected = masked(x)
+        assert torch.allclose(compact(x), expected, atol=1e-4)
+        assert torch.allclose(full(x), expected, atol=1e-4)
+    # Heads really removed, and exactly the parameters the unit layout says.
+    assert [b.heads for b in manifest.blocks] == [
+        int(run.unit_masks[f"blocks.{i}.attn"].sum()) for i in range(len(manifest.blocks))
+    ]
+    dense = create_model(run.spec)
+    removed = params_removed(unit_groups(dense), run.unit_masks)
+    assert model_cost(compact).params == model_cost(dense).params - removed
+    assert model_cost(full).params == model_cost(dense).params
+    # Unstructured masks are baked in: the compact model keeps only kept weights non-zero.
+    assert model_cost(compact).nonzero_params < model_cost(full).params
+
+
+def test_export_folder_holds_manifest_recipe_and_tensors(run_dir: Path, tmp_path) -> None:
+    manifest = export_run(run_dir, tmp_path / "e")
+    files = sorted(p.name for p in (tmp_path / "e").iterdir())
+    assert files == ["config.json", "model.safetensors", "recipe.yaml"]
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert config["model"] == "deit_tiny_patch16_224" and config["compact"] is True
+    assert config["blocks"][0]["heads"] == manifest.blocks[0].heads
+    assert (tmp_path / "e" / "recipe.yaml").read_text() == (run_dir / "recipe.yaml").read_text()
+    assert config["recipe_sha256"]
+
+
+# A sample of the VisionTransformer family: class token or not, distillation and register
+# tokens, qkv bias on and off, qk-norm, layer scale, pre-norm, SwiGLU and pooled heads.
+FAMILY = [
+    ("vit_tiny_patch16_224", {}),
+    ("vit_small_patch16_224", {}),
+    ("vit_base_patch32_224", {}),
+    ("deit_tiny_patch16_224", {}),
+    ("deit_small_distilled_patch16_224", {}),
+    ("deit3_small_patch16_224", {}),
+    ("vit_medium_patch16_gap_256", {}),
+    ("vit_base_patch16_reg4_gap_256", {}),
+    ("vit_small_patch14_reg4_dinov2", {}),
+    ("vit_base_patch16_clip_224", {}),
+    ("vit_tiny_patch16_224", {"qkv_bias": False}),
+    ("vit_tiny_patch16_224", {"qk_norm": True}),
+    ("vit_base_patch16_siglip_224", {}),
+    ("vit_little_patch16_reg4_gap_256", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "extra"), FAMILY, ids=[f"{n}{e or ''}" for n, e in FAMILY])
+def test_phase_export_load_is_exact_across_the_family(name: str, extra: dict, tmp_path) -> None:
+    spec = ModelSpec(name, {**SMALL, **extra})
+    model, session = train_steps(spec, combined_recipe(), 5)
+    export_session(model, session, spec, tmp_path / "out")
+    loaded = load_compact(tmp_path / "out")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-4)
+    heads = [b.attn.num_heads for b in loaded.blocks]
+    assert heads == [int(m.sum()) for k, m in session.unit_masks().items() if k.endswith("attn")]
+
+
+def small_export(tmp_path: Path) -> Path:
+    spec = ModelSpec("vit_tiny_patch16_224", SMALL)
+    model, session = train_steps(spec, combined_recipe(), 3)
+    export_session(model, session, spec, tmp_path / "ok")
+    return tmp_path / "ok" / "model.safetensors"
+
+
+def test_truncated_file_is_refused(tmp_path) -> None:
+    file = small_export(tmp_path)
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SparsekitError, match="truncated or corrupt"):
+        load_compact(file)
+
+
+def test_tampered_tensor_is_detected(tmp_path) -> None:
+    file = small_export(tmp_path)
+    data = bytearray(file.read_bytes())
+    data[-9] ^= 0xFF  # one byte of the last tensor's data
+    file.write_bytes(bytes(data))
+    with pytest.raises(SparsekitError, match="modified or damaged"):
+        load_compact(file)
+
+
+def test_foreign_and_future_files_are_refused(tmp_path) -> None:
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(SparsekitError, match="no sparsekit manifest"):
+        load_compact(foreign)
+    manifest, tensors = read_export(small_export(tmp_path))
+    future = manifest.model_copy(update={"format_version": 99})
+    save_file(tensors, tmp_path / "future.safetensors", {"sparsekit": future.model_dump_json()})
+    with pytest.raises(SparsekitError, match="format 99"):
+        load_compact(tmp_path / "future.safetensors")
+    with pytest.raises(SparsekitError, match="does not exist"):
+        load_compact(tmp_path / "nothing")
+
+
+def test_interrupted_export_leaves_the_previous_one_whole(tmp_path, monkeypatch) -> None:
+    file = small_export(tmp_path)
+    before = file.read_bytes()
+
+    def crash(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "save_file", crash)
+    spec = ModelSpec("vit_tiny_patch16_224", SMALL)
+    model, session = train_steps(spec, combined_recipe(), 2)
+    with pytest.raises(KeyboardInterrupt):
+        export_session(model, session, spec, tmp_path / "ok")
+    assert file.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]  # no temporary folder left
+    load_compact(file)
+
+
+def test_export_refuses_a_folder_of_other_files(tmp_path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    spec = ModelSpec("vit_tiny_patch16_224", SMALL)
+    model, session = train_steps(spec, combined_recipe(), 2)
+    with pytest.raises(SparsekitError, match="holds other files"):
+        export_session(model, session, spec, tmp_path / "mine")
+
+
+def test_cli_export_and_inspect(run_dir: Path, tmp_path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    result = runner.invoke(app, ["export", str(run_dir), "--compact", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and (out / "model.safetensors").exists()
+    for target in (run_dir, out):
+        result = runner.invoke(app, ["inspect", str(target)])
+        assert result.exit_code == 0, result.output
+        assert "heads" in result.output and "x)" in result.output
+    result = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "neither a run folder" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["export", str(tmp_path)])
+    assert result.exit_code == 1 and "not a finished sparsekit run folder" in result.output
+
+
+def test_recipe_round_trips_into_the_export(run_dir: Path) -> None:
+    run = open_run(run_dir)
+    assert run.recipe_yaml == dump_recipe(run.recipe)
