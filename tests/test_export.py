@@ -163,6 +163,22 @@ def test_phase_export_load_is_exact_across_the_family(name: str, extra: dict, tm
     assert heads == [int(m.sum()) for k, m in session.unit_masks().items() if k.endswith("attn")]
 
 
+def test_unstructured_only_export_bakes_the_masks(tmp_path) -> None:
+    spec = ModelSpec("deit_tiny_patch16_224", SMALL)
+    recipe = combined_recipe()
+    recipe["phases"] = recipe["phases"][:1]  # unstructured_dst alone: nothing to slice
+    model, session = train_steps(spec, recipe, 3)
+    manifest = export_session(model, session, spec, tmp_path / "dst")
+    loaded = load_compact(tmp_path / "dst")
+    assert [b.heads for b in manifest.blocks] == [3, 3]
+    for name, mask in session.masks().items():
+        weight = loaded.get_parameter(name)
+        assert torch.all(weight[~mask] == 0) and int(mask.sum()) < mask.numel()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
 def small_export(tmp_path: Path) -> Path:
     spec = ModelSpec("vit_tiny_patch16_224", SMALL)
     model, session = train_steps(spec, combined_recipe(), 3)

@@ -231,3 +231,19 @@ def test_mlp_that_normalizes_across_neurons_is_refused_unless_heads_only() -> No
     with pytest.raises(SparsekitError, match="mlp_density"):
         run(head_recipe(), 1, model=model)
     run(head_recipe(mlp_density=None), 2, model=tiny_vit(scale_mlp_norm=True))
+
+
+def test_scores_are_all_reduced_when_distributed(tmp_path) -> None:
+    # One process group of one rank (gloo): the all-reduce path runs and decides the same.
+    import torch.distributed as dist
+
+    _, plain, _, _ = run(head_recipe(), 7)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        _, distributed, _, _ = run(head_recipe(), 7)
+    finally:
+        dist.destroy_process_group()
+    for name, keep in plain.unit_masks().items():
+        assert torch.equal(distributed.unit_masks()[name], keep)

@@ -86,6 +86,13 @@ def _settings(phase: Any, timeline: Timeline) -> str:
             f"every {every:,} steps, fraction {phase.update_fraction:g} {phase.fraction_decay}, "
             f"roles {','.join(phase.targets.roles)}"
         )
+    if phase.kind == "head_prune_grow":
+        every = max(1, timeline.steps(phase.update_every))
+        mlp = f", MLP {phase.mlp_density:g}" if phase.mlp_density is not None else ""
+        return (
+            f"heads {phase.head_density:g}{mlp} ({phase.budget}), every {every:,} steps, "
+            f"fraction {phase.update_fraction:g} {phase.fraction_decay}"
+        )
     if phase.kind == "dense_warmup":
         return "dense"
     fields = phase.model_dump(mode="json", exclude={"kind", "name", "start", "end"})

@@ -16,6 +16,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sparsekit.errors import RecipeError
@@ -124,7 +125,7 @@ class HeadPruneGrow(PruneGrowModifier):
     def prune_and_grow(
         self, fraction: float, optimizer: torch.optim.Optimizer | None
     ) -> dict[str, Any]:
-        scores = {n: s.cpu() / max(1, self.batches) for n, s in self.scores.items()}
+        scores = self._mean_scores()
         old = {n: k.clone() for n, k in self.keeps.items()}
         for kind in ("heads", "neurons"):
             groups = [g for g in self.groups if g.kind == kind]
@@ -150,12 +151,25 @@ class HeadPruneGrow(PruneGrowModifier):
             **self._counts(),
         }
 
+    def _mean_scores(self) -> dict[str, torch.Tensor]:
+        """Scores averaged over the batches since the last update, and over all ranks when
+        distributed (one all-reduce per update), so every rank takes the same decision."""
+        names = list(self.scores)
+        sums = torch.cat([self.scores[n] for n in names])
+        batches = torch.full((1,), float(self.batches), dtype=sums.dtype, device=sums.device)
+        if dist.is_available() and dist.is_initialized():
+            both = torch.cat([sums, batches])
+            dist.all_reduce(both)
+            sums, batches = both[:-1], both[-1:]
+        mean = (sums / batches.clamp(min=1)).cpu()
+        return dict(zip(names, mean.split([self.scores[n].numel() for n in names]), strict=True))
+
     def _swap(self, groups: list[UnitGroup], scores: dict[str, torch.Tensor], fraction: float):
         """Prune the lowest-scoring kept units of `groups` (never below a group's minimum), then
         grow as many of the highest-scoring units not kept; just-pruned units compete too."""
         keep = torch.cat([self.keeps[g.name] for g in groups])
         score = torch.cat([scores[g.name] for g in groups])
-        owner = torch.cat([torch.full((g.units,), i) for i, g in enumerate(groups)])
+        owner = [i for i, g in enumerate(groups) for _ in range(g.units)]
         room = [int(self.keeps[g.name].sum()) - self.minimum[g.name] for g in groups]
         active = int(keep.sum())
         n_swap = min(math.ceil(fraction * active), keep.numel() - active)
