@@ -96,6 +96,10 @@ class Session:
             out.update(m.masks())
         return out
 
+    def token_placements(self) -> list[Any]:
+        """Token selectors in the model (before which block, keeping which share)."""
+        return [p for m in self.modifiers for p in m.token_placements()]
+
     def unit_masks(self) -> dict[str, torch.Tensor]:
         """Keep-masks of gated heads ("blocks.3.attn") and neurons ("blocks.3.mlp")."""
         out: dict[str, torch.Tensor] = {}

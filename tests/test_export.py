@@ -66,11 +66,16 @@ def train_steps(spec: ModelSpec, recipe: dict, steps: int):
 
 
 def export_session(model, session, spec, out: Path, compact: bool = True):
-    """Export what `session` trained through the public API, from a fresh plain model."""
-    plain = create_model(spec)
-    plain.load_state_dict(model.state_dict())
+    """Export what `session` trained through the public API."""
     return export_model(
-        plain, out, spec, session.masks(), session.unit_masks(), "name: x\n", compact=compact
+        spec,
+        model.state_dict(),
+        out,
+        session.masks(),
+        session.unit_masks(),
+        session.token_placements(),
+        "name: x\n",
+        compact=compact,
     )
 
 

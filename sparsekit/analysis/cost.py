@@ -24,6 +24,7 @@ class BlockCost:
     heads: int
     head_dim: int
     mlp_hidden: int
+    tokens: int  # sequence length the block sees (after any token selection before it)
     params: int
     nonzero: int  # non-zero entries of the block's Linear weights
     linear_weights: int  # all entries of the block's Linear weights
@@ -39,7 +40,7 @@ class ModelCost:
     """Per-block costs and the totals of the whole model."""
 
     blocks: list[BlockCost]
-    tokens: int
+    tokens: int  # sequence length after the patch embedding
     params: int
     nonzero_params: int
     flops: int
@@ -50,14 +51,23 @@ def tokens_of(model: nn.Module) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
 
 
+def block_tokens(model: nn.Module) -> list[int]:
+    """Sequence length of each block in eval mode, after the model's token selectors."""
+    selection = getattr(model, "token_selection", None)
+    if selection is None or not selection.enabled:
+        return [tokens_of(model)] * len(model.blocks)
+    return selection.tokens_per_block(model.patch_embed.num_patches)
+
+
 @torch.no_grad()
 def model_cost(model: nn.Module) -> ModelCost:
-    n = tokens_of(model)
-    blocks = [_block_cost(block, n) for block in model.blocks]
+    tokens = block_tokens(model)
+    blocks = [_block_cost(block, n) for block, n in zip(model.blocks, tokens, strict=True)]
     flops = sum(b.flops for b in blocks) + _patch_embed_flops(model) + _head_flops(model)
+    flops += _scorer_flops(model, tokens)
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    return ModelCost(blocks, n, params, nonzero, flops)
+    return ModelCost(blocks, tokens_of(model), params, nonzero, flops)
 
 
 def _block_cost(block: nn.Module, n: int) -> BlockCost:
@@ -68,11 +78,21 @@ def _block_cost(block: nn.Module, n: int) -> BlockCost:
         heads=block.attn.num_heads,
         head_dim=block.attn.head_dim,
         mlp_hidden=block.mlp.fc2.in_features,
+        tokens=n,
         params=sum(p.numel() for p in block.parameters()),
         nonzero=sum(int(torch.count_nonzero(m.weight)) for m in linears),
         linear_weights=sum(m.weight.numel() for m in linears),
         flops=flops,
     )
+
+
+def _scorer_flops(model: nn.Module, tokens: list[int]) -> int:
+    """Each token scorer is one Linear(dim, 1) over the tokens entering its block."""
+    selection = getattr(model, "token_selection", None)
+    if selection is None or not selection.enabled:
+        return 0
+    entering = [tokens_of(model), *tokens[:-1]]
+    return sum(2 * entering[p.before_block] * model.embed_dim for p in selection.placements)
 
 
 def _patch_embed_flops(model: nn.Module) -> int:

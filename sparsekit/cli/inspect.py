@@ -23,16 +23,14 @@ def inspect(
     against the dense model."""
     from sparsekit.analysis.cost import model_cost
     from sparsekit.export import load_compact, read_export
+    from sparsekit.export.writer import baked_model
     from sparsekit.models import ModelSpec, create_model
-    from sparsekit.surgery.compact import bake_
     from sparsekit.train.run_folder import open_run
 
     if (path / "checkpoint.pt").is_file():
         run = open_run(path)
         spec, what = run.spec, f"run {path} (epoch {run.epoch}), compacted in memory"
-        model = create_model(spec)
-        model.load_state_dict(run.weights)
-        bake_(model, run.masks, run.unit_masks, compact=True)
+        model = baked_model(spec, run.weights, run.masks, run.unit_masks, run.placements)
     elif (path / "model.safetensors").is_file() or path.suffix == ".safetensors":
         manifest, _ = read_export(path)
         spec = ModelSpec(manifest.model, manifest.model_kwargs)
@@ -44,12 +42,13 @@ def inspect(
             "model.safetensors); give the folder `sparsekit apply` or `sparsekit export` wrote."
         )
     cost, dense = model_cost(model), model_cost(create_model(spec))
-    table = Table(title=f"{spec.name}: {what}, {cost.tokens} tokens")
-    for column in ("block", "heads", "MLP width", "weight density", "params", "MFLOPs"):
+    table = Table(title=f"{spec.name}: {what}, {cost.tokens} tokens in")
+    for column in ("block", "tokens", "heads", "MLP width", "weight density", "params", "MFLOPs"):
         table.add_column(column, justify="right")
     for i, (b, d) in enumerate(zip(cost.blocks, dense.blocks, strict=True)):
         table.add_row(
             str(i),
+            f"{b.tokens}/{d.tokens}",
             f"{b.heads}/{d.heads}",
             f"{b.mlp_hidden}/{d.mlp_hidden}",
             f"{b.density:.3f}",
@@ -59,6 +58,7 @@ def inspect(
     table.add_section()
     table.add_row(
         "model",
+        "",
         f"{sum(b.heads for b in cost.blocks)}/{sum(d.heads for d in dense.blocks)}",
         f"{sum(b.mlp_hidden for b in cost.blocks)}/{sum(d.mlp_hidden for d in dense.blocks)}",
         f"{cost.nonzero_params / cost.params:.3f}",

@@ -14,6 +14,7 @@ from sparsekit.errors import SparsekitError
 from sparsekit.export.manifest import FORMAT_VERSION, METADATA_KEY, Manifest, tensors_sha256
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.surgery.compact import shrink_
+from sparsekit.surgery.tokens import Placement, TokenSelection
 
 
 def read_export(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
@@ -92,6 +93,12 @@ def load_compact(path: str | Path) -> nn.Module:
             sizes[f"blocks.{i}.mlp"] = shape.mlp_hidden
     if sizes:
         shrink_(model, sizes)
+    if manifest.token_selection:
+        placements = [Placement(t.before_block, t.keep_ratio) for t in manifest.token_selection]
+        try:
+            TokenSelection(model, placements)
+        except SparsekitError as err:
+            raise SparsekitError(f"{path}: {err}") from None
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:

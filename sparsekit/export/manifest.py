@@ -23,6 +23,16 @@ class BlockShape(BaseModel):
     mlp_hidden: int = Field(ge=1)
 
 
+class TokenSelector(BaseModel):
+    """A token selector of the model: gathers the best `keep_ratio` of the patch tokens that
+    reach block `before_block`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    before_block: int = Field(ge=0)
+    keep_ratio: float = Field(gt=0, le=1)
+
+
 class Manifest(BaseModel):
     """Everything `load_compact` needs to rebuild the model, and what it was made from."""
 
@@ -34,6 +44,9 @@ class Manifest(BaseModel):
     model_kwargs: dict[str, Any] = Field(description="Keyword arguments of timm.create_model.")
     compact: bool = Field(description="Pruned heads and neurons physically removed.")
     blocks: list[BlockShape]
+    token_selection: list[TokenSelector] = Field(
+        [], description="Token selectors (their scorers are in the tensors)."
+    )
     recipe_sha256: str | None = None
     tensors_sha256: str = Field(description="Hash of every tensor's name, dtype, shape and data.")
 

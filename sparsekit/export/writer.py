@@ -26,31 +26,38 @@ from sparsekit.export.manifest import (
     METADATA_KEY,
     BlockShape,
     Manifest,
+    TokenSelector,
     tensors_sha256,
 )
-from sparsekit.models import ModelSpec
+from sparsekit.models import ModelSpec, create_model
 from sparsekit.surgery.compact import bake_
+from sparsekit.surgery.tokens import Placement, TokenSelection
 
 EXPORT_FILES = ("model.safetensors", "config.json", "recipe.yaml")
 
 
 @torch.no_grad()
 def export_model(
-    model: nn.Module,
-    out: str | Path,
     spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    out: str | Path,
     masks: dict[str, torch.Tensor] | None = None,
     unit_masks: dict[str, torch.Tensor] | None = None,
+    placements: list[Placement] | None = None,
     recipe_yaml: str | None = None,
     compact: bool = True,
 ) -> Manifest:
-    """Bake `masks` (by parameter name) and `unit_masks` (by block, as `Session.unit_masks()`)
-    into `model`, remove dropped units when `compact`, and write the export to `out`.
+    """Rebuild `spec` with the trained `state`, bake the masks in, remove dropped units when
+    `compact`, and write the export to `out`.
 
-    `model` must be a plain timm model (no sparsekit gates on it): build it from `spec` and
-    load the trained weights. It is modified in place.
+    Args:
+        spec: the timm model name and arguments the state belongs to.
+        state: the trained model's `state_dict()` (token scorers included).
+        masks: unstructured keep-masks by parameter name (`Session.masks()`).
+        unit_masks: head and neuron keep-masks by block (`Session.unit_masks()`).
+        placements: token selectors (`Session.token_placements()`).
     """
-    bake_(model, masks or {}, unit_masks or {}, compact)
+    model = baked_model(spec, state, masks, unit_masks, placements, compact)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     from sparsekit import __version__
 
@@ -61,11 +68,33 @@ def export_model(
         model_kwargs=spec.kwargs,
         compact=compact,
         blocks=block_shapes(model),
+        token_selection=[
+            TokenSelector(before_block=p.before_block, keep_ratio=p.keep_ratio)
+            for p in placements or []
+        ],
         recipe_sha256=hashlib.sha256(recipe_yaml.encode()).hexdigest() if recipe_yaml else None,
         tensors_sha256=tensors_sha256(tensors),
     )
     _write(Path(out), tensors, manifest, recipe_yaml)
     return manifest
+
+
+@torch.no_grad()
+def baked_model(
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor] | None = None,
+    unit_masks: dict[str, torch.Tensor] | None = None,
+    placements: list[Placement] | None = None,
+    compact: bool = True,
+) -> nn.Module:
+    """The model an export holds, in memory: a plain timm model (with its token selectors)
+    carrying the trained weights, masks baked in, dropped units removed when `compact`."""
+    model = create_model(spec)
+    if placements:
+        TokenSelection(model, placements)
+    model.load_state_dict(state)
+    return bake_(model, masks or {}, unit_masks or {}, compact).eval()
 
 
 def block_shapes(model: nn.Module) -> list[BlockShape]:
@@ -109,12 +138,16 @@ def _write(
 
 def export_run(run_dir: str | Path, out: str | Path, compact: bool = True) -> Manifest:
     """Export the last checkpoint of a `sparsekit apply` run folder."""
-    from sparsekit.models import create_model
     from sparsekit.train.run_folder import open_run
 
     run = open_run(Path(run_dir))
-    model = create_model(run.spec)
-    model.load_state_dict(run.weights)
     return export_model(
-        model, out, run.spec, run.masks, run.unit_masks, run.recipe_yaml, compact=compact
+        run.spec,
+        run.weights,
+        out,
+        run.masks,
+        run.unit_masks,
+        run.placements,
+        run.recipe_yaml,
+        compact=compact,
     )

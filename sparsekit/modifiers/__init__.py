@@ -3,6 +3,7 @@
 from sparsekit.modifiers import (  # noqa: F401  (registration)
     dense_warmup,
     head_prune_grow,
+    token_select,
     unstructured_dst,
 )
 from sparsekit.modifiers.base import Modifier

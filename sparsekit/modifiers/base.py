@@ -78,6 +78,10 @@ class Modifier:
         """Boolean keep-masks of heads ("blocks.3.attn") and neurons ("blocks.3.mlp")."""
         return {}
 
+    def token_placements(self) -> list[Any]:
+        """Token selectors this modifier placed in the model (`surgery.tokens.Placement`)."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

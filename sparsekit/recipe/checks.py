@@ -11,12 +11,19 @@ from sparsekit.recipe.schema import (
     DenseWarmupPhase,
     HeadPruneGrowPhase,
     Recipe,
+    TokenSelectPhase,
     UnstructuredDSTPhase,
 )
 from sparsekit.recipe.span import Span
 
 Problem = tuple[tuple[str | int, ...], str]
-_SPARSE = (UnstructuredDSTPhase, HeadPruneGrowPhase)  # phase kinds whose masks outlive them
+_SCHEDULED = (UnstructuredDSTPhase, HeadPruneGrowPhase)  # kinds with update_every
+_SPARSE = (*_SCHEDULED, TokenSelectPhase)  # kinds whose sparsity lasts until the run ends
+_AT_MOST_ONCE = {
+    "head_prune_grow": "they would gate the same heads at once. Keep one (it may set both "
+    "head_density and mlp_density)",
+    "token_select": "they would select tokens twice. Keep one (it takes several placements)",
+}
 
 
 def check_recipe(recipe: Recipe) -> list[Problem]:
@@ -52,7 +59,7 @@ def _check_windows(recipe: Recipe) -> list[Problem]:
             problems.append(
                 (("phases", i, "end"), f"end ({phase.end}) must come after start ({phase.start})")
             )
-        if isinstance(phase, _SPARSE) and phase.update_every.value == 0:
+        if isinstance(phase, _SCHEDULED) and phase.update_every.value == 0:
             problems.append((("phases", i, "update_every"), "update_every must be greater than 0"))
     return problems
 
@@ -63,17 +70,14 @@ def _check_overlaps(recipe: Recipe) -> list[Problem]:
     epochs = recipe.training.epochs
     problems: list[Problem] = []
     dst = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, UnstructuredDSTPhase)]
-    heads = [i for i, p in enumerate(recipe.phases) if isinstance(p, HeadPruneGrowPhase)]
+    for kind, what in _AT_MOST_ONCE.items():
+        same = [i for i, p in enumerate(recipe.phases) if p.kind == kind]
+        problems += [
+            (("phases", j, "kind"), f"phases[{same[0]}] and phases[{j}] are both {kind}; {what}")
+            for j in same[1:]
+        ]
     sparse = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, _SPARSE)]
     warmups = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, DenseWarmupPhase)]
-    for j in heads[1:]:
-        problems.append(
-            (
-                ("phases", j, "kind"),
-                f"phases[{heads[0]}] and phases[{j}] are both head_prune_grow; they would gate "
-                "the same heads at once. Keep one (it may set both head_density and mlp_density)",
-            )
-        )
     for i, phase in sparse:
         for j, warm in warmups:
             pair = _comparable(phase.start, warm.end, epochs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sparsekit.recipe.span import Span
 
@@ -142,7 +142,53 @@ class HeadPruneGrowPhase(_Phase):
     fraction_decay: Literal["cosine", "linear", "constant"] = "cosine"
 
 
-PHASES = (DenseWarmupPhase, UnstructuredDSTPhase, HeadPruneGrowPhase)  # add a new kind here
+class TokenPlacement(_Strict):
+    """One token selector: where it sits and what it keeps."""
+
+    before_block: int = Field(0, ge=0, le=1000, description="Index of the block it precedes.")
+    keep_ratio: float = Field(
+        gt=0, le=1, description="Share of the patch tokens reaching it that it keeps."
+    )
+
+
+class TokenSelectPhase(_Phase):
+    """SViTE+: a learnable scorer keeps the most useful patch tokens before chosen blocks.
+
+    Selection starts at `start` and stays on until the run ends; the Gumbel temperature anneals
+    from `temperature_start` to `temperature_end` between `start` and `end`.
+    """
+
+    kind: Literal["token_select"]
+    keep_ratio: float | None = Field(
+        None, gt=0, le=1, description="One selector before `before_block` keeping this share."
+    )
+    before_block: int = Field(0, ge=0, le=1000, description="Where the single selector sits.")
+    placements: list[TokenPlacement] = Field(
+        [], description="Several selectors (instead of keep_ratio), each with its own ratio."
+    )
+    temperature_start: float = Field(10.0, gt=0, le=1e4, description="Gumbel temperature at start.")
+    temperature_end: float = Field(0.1, gt=0, le=1e4, description="Gumbel temperature at end.")
+
+    @model_validator(mode="after")
+    def _one_way_to_place(self) -> TokenSelectPhase:
+        if (self.keep_ratio is None) == (not self.placements):
+            raise ValueError(
+                "give either keep_ratio (one selector, before before_block) or placements "
+                "(a list of {before_block, keep_ratio}), not both and not neither"
+            )
+        blocks = [p.before_block for p in self.resolved()]
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"two selectors before the same block: {sorted(blocks)}")
+        return self
+
+    def resolved(self) -> list[TokenPlacement]:
+        """The selectors, in block order."""
+        if self.keep_ratio is not None:
+            return [TokenPlacement(before_block=self.before_block, keep_ratio=self.keep_ratio)]
+        return sorted(self.placements, key=lambda p: p.before_block)
+
+
+PHASES = (DenseWarmupPhase, UnstructuredDSTPhase, HeadPruneGrowPhase, TokenSelectPhase)
 Phase = Annotated[Union[PHASES], Field(discriminator="kind")]  # noqa: UP007 (built from a tuple)
 PHASE_KINDS: tuple[str, ...] = tuple(p.model_fields["kind"].annotation.__args__[0] for p in PHASES)
 

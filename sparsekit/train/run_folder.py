@@ -14,6 +14,7 @@ from sparsekit.errors import SparsekitError
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.recipe import Recipe, load_recipe
 from sparsekit.session import Session
+from sparsekit.surgery.tokens import Placement
 from sparsekit.timeline import Timeline
 from sparsekit.train.checkpoint import load_checkpoint
 
@@ -28,6 +29,7 @@ class TrainedRun:
     weights: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]  # unstructured keep-masks by parameter name
     unit_masks: dict[str, torch.Tensor]  # head and neuron keep-masks by block
+    placements: list[Placement]  # token selectors
     epoch: int
 
 
@@ -62,5 +64,6 @@ def open_run(run_dir: Path) -> TrainedRun:
         weights=ckpt["model"],
         masks={k: v.cpu() for k, v in session.masks().items()},
         unit_masks={k: v.cpu() for k, v in session.unit_masks().items()},
+        placements=session.token_placements(),
         epoch=int(ckpt["epoch"]),
     )

@@ -81,6 +81,8 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
 
     # Optimizer, schedule and the recipe's session.
     timeline = Timeline(cfg.epochs, len(loader))
+    # Compile first: a phase may add parameters (token scorers) that the optimizer must train.
+    modifiers = compile_recipe(recipe, model, timeline)
     optimizer = make_optimizer(model, cfg)
     warmup = timeline.steps(cfg.schedule.warmup)
     base_lr = cfg.optimizer.lr
@@ -98,7 +100,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
             / base_lr
         ),
     )
-    session = Session(model, optimizer, compile_recipe(recipe, model, timeline), timeline)
+    session = Session(model, optimizer, modifiers, timeline)
     amp_dtype = _amp_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -1,0 +1,97 @@
+"""SViTE+: learnable token selection, with the kept tokens really removed at inference.
+
+Unlike the reference implementation, which multiplies unselected tokens by 0 (the sequence
+keeps its length, nothing is saved) and selects at random at test time, evaluation and export
+here select deterministically and gather the kept tokens, so later blocks run on a shorter
+sequence. Training masks instead, exactly: dropped tokens are hidden from every later
+attention, so training sees the same function the gathered model computes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from sparsekit.errors import SparsekitError
+from sparsekit.modifiers.base import Modifier
+from sparsekit.modifiers.registry import register
+from sparsekit.recipe.schema import TokenSelectPhase
+from sparsekit.surgery.tokens import Placement, TokenSelection
+
+if TYPE_CHECKING:
+    from sparsekit.session import Session
+    from sparsekit.timeline import Timeline
+
+
+@register("token_select")
+class TokenSelect(Modifier):
+    """Selection is on from `start_step` to the end of the run; the Gumbel temperature anneals
+    geometrically from `temperature_start` to `temperature_end` over `[start_step, end_step)`."""
+
+    config: TokenSelectPhase
+
+    def __init__(
+        self,
+        config: TokenSelectPhase,
+        model: nn.Module,
+        start_step: int,
+        end_step: int,
+        placements: list[Placement],
+    ):
+        super().__init__(config, model, start_step, end_step)
+        self.placements = placements
+        # The scorers join the model now, at compile time, so the optimizer built afterwards
+        # (and every checkpoint) includes them.
+        self.selection = TokenSelection(model, placements)
+        self.selection.enabled = False
+        self._checked_optimizer = False
+
+    @classmethod
+    def build(
+        cls, config: TokenSelectPhase, model: nn.Module, timeline: Timeline, seed: int
+    ) -> TokenSelect:
+        placements = [Placement(p.before_block, p.keep_ratio) for p in config.resolved()]
+        return cls(
+            config, model, timeline.steps(config.start), timeline.steps(config.end), placements
+        )
+
+    def active(self, step: int) -> bool:
+        return step >= self.start_step
+
+    def temperature(self, step: int) -> float:
+        start, end = self.config.temperature_start, self.config.temperature_end
+        progress = (step - self.start_step) / max(1, self.end_step - self.start_step)
+        return start * (end / start) ** min(max(progress, 0.0), 1.0)
+
+    def on_batch_start(self, session: Session) -> None:
+        self.selection.enabled = self.active(session.step)
+        self.selection.temperature = self.temperature(session.step)
+        if self.selection.enabled and not self._checked_optimizer:
+            self._check_optimizer(session)
+
+    def _check_optimizer(self, session: Session) -> None:
+        self._checked_optimizer = True
+        if session.optimizer is None:
+            return
+        trained = {id(p) for group in session.optimizer.param_groups for p in group["params"]}
+        if any(id(p) not in trained for p in self.selection.scorer_parameters()):
+            raise SparsekitError(
+                "token_select added a scorer to the model (model.token_selectors), but the "
+                "optimizer does not train it. Build the optimizer after compiling the recipe: "
+                "modifiers = sparsekit.compile_recipe(recipe, model, timeline), then "
+                "optimizer = ...(model.parameters()), then Session(model, optimizer, modifiers, "
+                "timeline)."
+            )
+
+    def finalize(self, session: Session) -> None:
+        self.selection.enabled = True  # the trained model selects, as its export will
+
+    def token_placements(self) -> list[Placement]:
+        return list(self.placements)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the scorers are model parameters; the temperature follows from the step
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore besides the model's own weights."""

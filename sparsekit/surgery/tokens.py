@@ -1,0 +1,213 @@
+"""Learnable token selection (SViTE+): keep the most useful patch tokens before chosen blocks.
+
+A `TokenScorer` (one Linear from the embedding to a score, as in the reference) sits before a
+block. In eval mode it keeps the `k` best-scoring patch tokens and *gathers* them: the sequence
+gets shorter and every later block does less work. In training it selects with Gumbel noise and
+a hard top-k whose straight-through gradient trains the scorer, and *masks* instead of
+gathering: dropped tokens are zeroed and hidden from every later attention by a key mask, so
+the training forward with a given selection computes exactly what the gathered forward computes.
+Class, distillation and register tokens are always kept and never counted.
+
+The selectors live in the model (`model.token_selectors`, so they train, save and export with
+it) and act through forward hooks on the blocks and on the final norm.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit.errors import SparsekitError
+
+POOLS = ("token", "avg", "max")  # pools whose result can ignore dropped tokens exactly
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One selector: before block `before_block`, keep `keep_ratio` of the patch tokens that
+    reach it."""
+
+    before_block: int
+    keep_ratio: float
+
+
+def kept_count(patches: int, keep_ratio: float) -> int:
+    """Patch tokens a selector keeps out of `patches`: ceil(keep_ratio x patches), at least 1."""
+    return max(1, min(patches, math.ceil(keep_ratio * patches - 1e-9)))
+
+
+class TokenScorer(nn.Module):
+    """Scores each token with one Linear layer (the reference's scorer)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x).squeeze(-1)
+
+
+class TokenSelection:
+    """The selectors of one model and the hooks that apply them.
+
+    Attributes:
+        noise: draw Gumbel noise in training (off: the deterministic top-k, as in eval).
+        temperature: of the soft scores whose gradient the straight-through estimator uses.
+        enabled: select at all (off before the phase's window).
+    """
+
+    def __init__(self, model: nn.Module, placements: list[Placement]):
+        check_selectable(model, placements)
+        self.model = model
+        self.placements = sorted(placements, key=lambda p: p.before_block)
+        self.prefix = model.num_prefix_tokens
+        self.noise = True
+        self.temperature = 1.0
+        self.enabled = True
+        if not hasattr(model, "token_selectors"):
+            dim = model.embed_dim
+            model.token_selectors = nn.ModuleDict(
+                {str(p.before_block): TokenScorer(dim) for p in self.placements}
+            ).to(next(model.parameters()).device)
+        self._alive: torch.Tensor | None = None  # masked mode: which tokens are still in
+        self._handles: list = []
+        model.token_selection = self  # how cost counters and exports find it
+        at = {p.before_block: p for p in self.placements}
+        first = self.placements[0].before_block
+        for index, block in enumerate(model.blocks):
+            if index in at:
+                self._handles.append(
+                    block.register_forward_pre_hook(self._selector(at[index]), with_kwargs=True)
+                )
+            elif index > first:
+                self._handles.append(block.register_forward_pre_hook(self._mask, with_kwargs=True))
+        self._handles.append(model.norm.register_forward_hook(self._fill_dropped))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        del self.model.token_selection
+
+    def scorer_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.token_selectors.parameters())
+
+    def tokens_per_block(self, patches: int) -> list[int]:
+        """Sequence length each block sees in eval mode (prefix tokens included)."""
+        at = {p.before_block: p.keep_ratio for p in self.placements}
+        out = []
+        for index in range(len(self.model.blocks)):
+            if index in at:
+                patches = kept_count(patches, at[index])
+            out.append(self.prefix + patches)
+        return out
+
+    # --- hooks -----------------------------------------------------------------------------
+    def _selector(self, placement: Placement):
+        scorer = self.model.token_selectors[str(placement.before_block)]
+        first = placement is self.placements[0]
+
+        def hook(block: nn.Module, args: tuple, kwargs: dict):
+            if first:
+                self._alive = None  # a new forward pass begins here
+            if not self.enabled:
+                return None
+            x = args[0]
+            if block.training:
+                x = self._select_masked(x, scorer, placement.keep_ratio)
+                return (x, *args[1:]), {**kwargs, "attn_mask": self._key_mask()}
+            return (self._select_gathered(x, scorer, placement.keep_ratio), *args[1:]), kwargs
+
+        return hook
+
+    def _mask(self, block: nn.Module, args: tuple, kwargs: dict):
+        if self._alive is None:
+            return None
+        return args, {**kwargs, "attn_mask": self._key_mask()}
+
+    def _fill_dropped(self, module: nn.Module, args: tuple, out: torch.Tensor):
+        """Give dropped tokens a value the pool cannot see: the mean of the kept tokens (for
+        `avg`) or their minimum (for `max`); `token` pools never read them."""
+        if self._alive is None or self.model.global_pool == "token":
+            return None
+        alive = self._alive.clone()
+        if not self.model.pool_include_prefix:
+            alive[:, : self.prefix] = False
+        weights = alive.unsqueeze(-1).to(out.dtype)
+        if self.model.global_pool == "avg":
+            fill = (out * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
+        else:
+            fill = out.masked_fill(~alive.unsqueeze(-1), float("inf")).amin(1, keepdim=True)
+        dropped = ~self._alive.unsqueeze(-1)
+        return torch.where(dropped, fill.expand_as(out), out)
+
+    # --- selection -------------------------------------------------------------------------
+    def _select_gathered(self, x: torch.Tensor, scorer: TokenScorer, ratio: float) -> torch.Tensor:
+        prefix, patches = x[:, : self.prefix], x[:, self.prefix :]
+        k = kept_count(patches.shape[1], ratio)
+        index = scorer(patches).topk(k, dim=1).indices.sort(dim=1).values
+        kept = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return torch.cat([prefix, kept], dim=1)
+
+    def _select_masked(self, x: torch.Tensor, scorer: TokenScorer, ratio: float) -> torch.Tensor:
+        batch, length, _ = x.shape
+        if self._alive is None:
+            self._alive = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        alive = self._alive[:, self.prefix :]
+        k = kept_count(int(alive[0].sum()), ratio)  # every sample has as many alive tokens
+        logits = scorer(x[:, self.prefix :]).float().masked_fill(~alive, float("-inf"))
+        noisy = logits
+        if self.noise:
+            gumbel = -torch.empty_like(logits).exponential_().log()
+            noisy = logits + gumbel
+        hard = torch.zeros_like(logits).scatter_(1, noisy.topk(k, dim=1).indices, 1.0)
+        soft = F.softmax(noisy / self.temperature, dim=1)
+        # Straight through: the forward value is exactly the hard 0/1 choice, the gradient is
+        # the soft scores'.
+        choice = hard + (soft - soft.detach())
+        self._alive = torch.cat([self._alive[:, : self.prefix], hard.bool()], dim=1)
+        weights = torch.cat([x.new_ones(batch, self.prefix), choice.to(x.dtype)], dim=1)
+        return x * weights.unsqueeze(-1)
+
+    def _key_mask(self) -> torch.Tensor:
+        """Attention mask (batch, 1, 1, keys): True where a token can be attended to."""
+        return self._alive[:, None, None, :]
+
+
+def check_selectable(model: nn.Module, placements: list[Placement]) -> None:
+    """Refuse models on which dropping tokens would be silently wrong.
+
+    Raises:
+        SparsekitError: a pool that reads every token, a block that cannot take a key mask,
+            a placement outside the model, or two selectors before one block.
+    """
+    from sparsekit.surgery.targets import check_supported
+
+    check_supported(model)
+    depth = len(model.blocks)
+    blocks = [p.before_block for p in placements]
+    if len(set(blocks)) != len(blocks):
+        raise SparsekitError(f"two token selectors before the same block: {sorted(blocks)}.")
+    for p in placements:
+        if not 0 <= p.before_block < depth:
+            raise SparsekitError(
+                f"a token selector before block {p.before_block}, but the model has blocks "
+                f"0 to {depth - 1}."
+            )
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in POOLS:
+        raise SparsekitError(
+            f"{type(model).__name__} pools its tokens with {model.global_pool!r}, which reads "
+            f"every token; token selection supports the pools {', '.join(POOLS)}. Build the "
+            "model with global_pool='token' or 'avg' (--model-arg global_pool=avg)."
+        )
+    for index, block in enumerate(model.blocks):
+        if "attn_mask" not in inspect.signature(block.forward).parameters:
+            raise SparsekitError(
+                f"block {index} ({type(block).__name__}) takes no attention mask, so dropped "
+                "tokens could not be hidden from it during training; token selection is not "
+                "supported on this model."
+            )
