@@ -2,11 +2,13 @@
 
 Builds the dense model and its compacted copy (a random choice of kept heads and MLP neurons
 at the given densities: which units are kept does not change the cost), checks they compute
-the same function as the gated model, then times forward passes in eval mode, interleaved
-(dense, compact, dense, ...) after a warm-up, and prints the median time ratio next to the
-FLOPs ratio.
+the same function as the gated model, and with --keep adds a third model: the compacted one
+with a token selector before block 0 that gathers that share of the patch tokens. It times
+forward passes in eval mode, interleaved (dense, compact, ...) after a warm-up, and prints each
+median time ratio next to the FLOPs ratio.
 
     python benchmarks/compact_speed.py                          # deit_small, 224 px, batch 8
+    python benchmarks/compact_speed.py --keep 0.7               # + token selection at 70%
     python benchmarks/compact_speed.py --heads 0.5 --mlp 0.5 --batch 1 --device cuda
 """
 
@@ -24,6 +26,7 @@ from rich.table import Table
 from sparsekit.analysis.cost import model_cost
 from sparsekit.models import ModelSpec, create_model, resolve_model_name
 from sparsekit.surgery.compact import compact_
+from sparsekit.surgery.tokens import Placement, TokenSelection
 from sparsekit.surgery.units import UnitGate, head_groups, neuron_groups
 
 
@@ -63,6 +66,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--heads", type=float, default=0.5, help="share of heads kept")
     parser.add_argument("--mlp", type=float, default=0.5, help="share of MLP neurons kept")
+    parser.add_argument("--keep", type=float, default=None, help="share of patch tokens kept")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
@@ -77,14 +81,19 @@ def main() -> None:
     compact = compact_(copy.deepcopy(dense), keeps).eval()
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     diff = check_equal(dense, compact, keeps, x[:2])
-    flops = model_cost(compact).flops / model_cost(dense).flops
-    params = model_cost(compact).params / model_cost(dense).params
 
-    dense, compact, x = dense.to(device), compact.to(device), x.to(device)
-    times: dict[str, list[float]] = {"dense": [], "compact": []}
+    models = {"dense": dense, "compact": compact}
+    if args.keep is not None:
+        tokens = copy.deepcopy(compact)
+        TokenSelection(tokens, [Placement(0, args.keep)])
+        models[f"compact + tokens {args.keep:g}"] = tokens.eval()
+    costs = {name: model_cost(m) for name, m in models.items()}
+    models = {name: m.to(device) for name, m in models.items()}
+    x = x.to(device)
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(args.warmup + args.repeats):
-            for name, model in (("dense", dense), ("compact", compact)):
+            for name, model in models.items():
                 sync(device)
                 start = time.perf_counter()
                 model(x)
@@ -101,13 +110,29 @@ def main() -> None:
         title=f"{spec.name} at {args.img_size} px, batch {args.batch}, heads {args.heads}, "
         f"MLP {args.mlp} ({where}, torch {torch.__version__})"
     )
-    for column in ("model", "ms / batch (median)", "time ratio", "FLOPs ratio", "params ratio"):
-        table.add_column(column, justify="right")
-    table.add_row("dense", f"{median['dense'] * 1e3:.1f}", "1.000", "1.000", "1.000")
-    ratio = median["compact"] / median["dense"]
-    table.add_row(
-        "compact", f"{median['compact'] * 1e3:.1f}", f"{ratio:.3f}", f"{flops:.3f}", f"{params:.3f}"
+    columns = (
+        "model",
+        "tokens",
+        "ms / batch (median)",
+        "time ratio",
+        "FLOPs ratio",
+        "time / FLOPs",
     )
+    for column in (*columns, "params ratio"):
+        table.add_column(column, justify="right")
+    base = costs["dense"]
+    for name in models:
+        time_ratio = median[name] / median["dense"]
+        flops = costs[name].flops / base.flops
+        table.add_row(
+            name,
+            f"{costs[name].blocks[-1].tokens}/{base.blocks[-1].tokens}",
+            f"{median[name] * 1e3:.1f}",
+            f"{time_ratio:.3f}",
+            f"{flops:.3f}",
+            f"{time_ratio / flops:.3f}",
+            f"{costs[name].params / base.params:.3f}",
+        )
     console = Console()
     console.print(table)
     console.print(

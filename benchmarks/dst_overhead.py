@@ -26,16 +26,23 @@ from torch.utils.data import DataLoader
 
 from sparsekit import Session
 from sparsekit.models import create_model
-from sparsekit.recipe import load_recipe
+from sparsekit.recipe import Recipe, load_recipe
 from sparsekit.train.data import build_data
 from sparsekit.train.trainer import RunConfig, make_optimizer, model_spec, read_metrics, train
 
 ROOT = Path(__file__).parents[1]
 
 
+def dst_only(recipe: Recipe) -> Recipe:
+    """The recipe with its unstructured_dst phases alone (svite_small also selects tokens)."""
+    return recipe.model_copy(
+        update={"phases": [p for p in recipe.phases if p.kind == "unstructured_dst"]}
+    )
+
+
 def run_once(recipe_path: Path, overrides: list[str], args, out: Path) -> dict:
     """Train once; return the mean step time, the updates done and the final accuracy."""
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = dst_only(load_recipe(recipe_path, overrides))
     config = RunConfig(model=args.model, data=args.data, output=out, device=args.device)
     summary = train(recipe, config, Console(quiet=True))
     epochs = [r for r in read_metrics(out) if r["event"] == "epoch"]
@@ -64,7 +71,7 @@ def components(recipe_path: Path, args, repeats: int = 12) -> dict:
     ):
         torch.manual_seed(0)
         model = create_model(spec)
-        recipe = load_recipe(recipe_path, [f"training.epochs={args.epochs}", *overrides])
+        recipe = dst_only(load_recipe(recipe_path, [f"training.epochs={args.epochs}", *overrides]))
         optimizer = make_optimizer(model, recipe.training)  # the trainer's own optimizer
         runs[name] = (model, optimizer, Session.from_recipe(recipe, model, optimizer, 100))
     times: dict[str, list[float]] = {name: [] for name in runs}

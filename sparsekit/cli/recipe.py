@@ -93,6 +93,11 @@ def _settings(phase: Any, timeline: Timeline) -> str:
             f"heads {phase.head_density:g}{mlp} ({phase.budget}), every {every:,} steps, "
             f"fraction {phase.update_fraction:g} {phase.fraction_decay}"
         )
+    if phase.kind == "token_select":
+        where = ", ".join(
+            f"keep {p.keep_ratio:g} before block {p.before_block}" for p in phase.resolved()
+        )
+        return f"{where}, temperature {phase.temperature_start:g} -> {phase.temperature_end:g}"
     if phase.kind == "dense_warmup":
         return "dense"
     fields = phase.model_dump(mode="json", exclude={"kind", "name", "start", "end"})
