@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from interleaved import time_steps
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
@@ -74,18 +73,8 @@ def components(recipe_path: Path, args, repeats: int = 12) -> dict:
         recipe = dst_only(load_recipe(recipe_path, [f"training.epochs={args.epochs}", *overrides]))
         optimizer = make_optimizer(model, recipe.training)  # the trainer's own optimizer
         runs[name] = (model, optimizer, Session.from_recipe(recipe, model, optimizer, 100))
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(repeats + 2):  # interleaved, so drift hits all three alike
-        for name, (model, optimizer, session) in runs.items():
-            start = time.perf_counter()
-            session.batch_start()
-            F.cross_entropy(model(images), labels).backward()
-            session.before_optimizer_step()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            session.after_optimizer_step()
-            if i >= 2:
-                times[name].append(time.perf_counter() - start)
+    # Interleaved, so drift hits all three alike.
+    times = time_steps(runs, lambda step: (images, labels), repeats)
     step = {name: statistics.median(t) for name, t in times.items()}
     return {
         "dense_s": step["dense"],

@@ -130,7 +130,7 @@ def test_growth_explores_neurons_that_were_never_active() -> None:
     # Inactive neurons score non-zero (they keep computing behind a closed gate), so growth
     # picks some that had never been on: the reference's growth could only re-pick the pruned.
     assert sum(explored) > 0
-    assert all(s.abs().sum() == 0 for s in heads.scores.values())  # reset after the update
+    assert all(s.abs().sum() == 0 for s in heads.prune_sums.values())  # reset after the update
 
 
 def test_inactive_units_do_not_move_and_their_optimizer_state_is_zero() -> None:

@@ -21,6 +21,9 @@ class Modifier:
     """One recipe phase at run time, active on steps `[start_step, end_step)`."""
 
     kind: ClassVar[str]
+    # How training steps compute (`training.compute`), set by the compiler: "active" runs only
+    # the kept heads, neurons and tokens where a modifier supports it, "masked" runs full size.
+    compute: str = "masked"
 
     def __init__(self, config: BaseModel, model: nn.Module, start_step: int, end_step: int):
         self.config = config

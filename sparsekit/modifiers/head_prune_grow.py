@@ -22,7 +22,9 @@ from torch import nn
 from sparsekit.errors import RecipeError
 from sparsekit.modifiers.prune_grow import PruneGrowModifier
 from sparsekit.modifiers.registry import register
+from sparsekit.modifiers.schedules import next_update
 from sparsekit.recipe.schema import HeadPruneGrowPhase
+from sparsekit.surgery.active import ActiveForward
 from sparsekit.surgery.units import UnitGate, UnitGroup, head_groups, neuron_groups
 
 if TYPE_CHECKING:
@@ -54,9 +56,15 @@ class HeadPruneGrow(PruneGrowModifier):
         self.minimum = {g.name: self._minimum(g) for g in groups}
         self.budgets = {g.name: self._budget(g) for g in groups}
         self.keeps: dict[str, torch.Tensor] = {}
-        self.scores: dict[str, torch.Tensor] = {}  # sum of |dL/dgate| since the last update
+        # Sums of |dL/dgate| since the last update: over every batch (the prune score of active
+        # units) and over the full-size batches just before it (the grow score of inactive ones).
+        self.prune_sums: dict[str, torch.Tensor] = {}
+        self.grow_sums: dict[str, torch.Tensor] = {}
         self.batches = 0
+        self.grow_seen = 0
         self._gates: dict[str, UnitGate] = {}
+        self._active = ActiveForward(groups, self._gates)
+        self._grow_batch = False  # this step's batch scores growth (and so runs full size)
         self._frozen: list[Slice] = []
         self._snapshot: list[torch.Tensor] = []
 
@@ -81,17 +89,38 @@ class HeadPruneGrow(PruneGrowModifier):
         return min(group.units, max(self._minimum(group), round(density * group.units)))
 
     # --- lifecycle -------------------------------------------------------------------------
+    def on_batch_start(self, session: Session) -> None:
+        super().on_batch_start(session)
+        if not self.initialized:
+            return
+        upcoming = next_update(session.step + 1, self.start_step, self.end_step, self.update_every)
+        # Growth is scored on the last `grow_batches` batches before each update, from the gate
+        # gradients of inactive units, which only a full-size step has: those steps run full
+        # size, the others (with compute: active) on the kept units only.
+        self._grow_batch = (
+            upcoming is not None and upcoming - (session.step + 1) < self.config.grow_batches
+        )
+        if self.compute == "masked" or self._grow_batch:
+            self._active.disable()
+        else:
+            self._active.enable()
+
     def before_optimizer_step(self, session: Session) -> None:
         if not self.initialized:
             return
         scoring = session.step + 1 < self.end_step  # updates are still to come
+        grow = scoring and self._grow_batch
         for name, gate in self._gates.items():
             grad = gate.take_grad()
-            if scoring and grad is not None:
-                # A step whose fp16 gradients overflowed carries no ranking: count it as 0.
-                self.scores[name] += grad.nan_to_num_(0.0, posinf=0.0).to(torch.float64)
-        if scoring:
-            self.batches += 1
+            if grad is None or not scoring:
+                continue
+            # A step whose fp16 gradients overflowed carries no ranking: count it as 0.
+            grad = grad.nan_to_num_(0.0, posinf=0.0).to(torch.float64)
+            self.prune_sums[name] += grad
+            if grow:
+                self.grow_sums[name] += grad
+        self.batches += scoring
+        self.grow_seen += grow
         if _may_move_frozen(session.optimizer):
             with torch.no_grad():
                 self._snapshot = [t.index_select(dim, index) for t, dim, index in self._frozen]
@@ -115,8 +144,7 @@ class HeadPruneGrow(PruneGrowModifier):
             keep = torch.zeros(g.units, dtype=torch.bool)
             keep[_top(score, self.budgets[g.name])] = True
             self.keeps[g.name] = keep
-        self.scores = {g.name: _zeros_beside(g) for g in self.groups}
-        self.batches = 0
+        self._reset_scores()
         self._install()
         _zero_state(optimizer, self._slices({n: ~k for n, k in self.keeps.items()}))
         return self._counts()
@@ -139,8 +167,7 @@ class HeadPruneGrow(PruneGrowModifier):
         changed = {n: old[n] ^ self.keeps[n] for n in self.keeps}
         self._install()
         _zero_state(optimizer, self._slices(changed))
-        self.scores = {n: torch.zeros_like(s) for n, s in self.scores.items()}
-        self.batches = 0
+        self._reset_scores()
         swapped = {
             kind: sum(int(changed[g.name].sum()) // 2 for g in self.groups if g.kind == kind)
             for kind in ("heads", "neurons")
@@ -151,18 +178,32 @@ class HeadPruneGrow(PruneGrowModifier):
             **self._counts(),
         }
 
+    def _reset_scores(self) -> None:
+        self.prune_sums = {g.name: _zeros_beside(g) for g in self.groups}
+        self.grow_sums = {g.name: _zeros_beside(g) for g in self.groups}
+        self.batches = self.grow_seen = 0
+
     def _mean_scores(self) -> dict[str, torch.Tensor]:
-        """Scores averaged over the batches since the last update, and over all ranks when
-        distributed (one all-reduce per update), so every rank takes the same decision."""
-        names = list(self.scores)
-        sums = torch.cat([self.scores[n] for n in names])
-        batches = torch.full((1,), float(self.batches), dtype=sums.dtype, device=sums.device)
+        """Per unit: the prune score (mean over the batches since the last update) if it is
+        active, the grow score (mean over the full-size batches) if not; summed over all ranks
+        when distributed (one all-reduce per update), so every rank takes the same decision."""
+        names = list(self.prune_sums)
+        device = self.prune_sums[names[0]].device
+        counts = torch.tensor([self.batches, self.grow_seen], dtype=torch.float64, device=device)
+        flat = torch.cat(
+            [*(self.prune_sums[n] for n in names), *(self.grow_sums[n] for n in names), counts]
+        )
         if dist.is_available() and dist.is_initialized():
-            both = torch.cat([sums, batches])
-            dist.all_reduce(both)
-            sums, batches = both[:-1], both[-1:]
-        mean = (sums / batches.clamp(min=1)).cpu()
-        return dict(zip(names, mean.split([self.scores[n].numel() for n in names]), strict=True))
+            dist.all_reduce(flat)
+        flat = flat.cpu()
+        half = (flat.numel() - 2) // 2
+        prune = flat[:half] / flat[-2].clamp(min=1)
+        grow = flat[half:-2] / flat[-1].clamp(min=1)
+        sizes = [self.prune_sums[n].numel() for n in names]
+        return {
+            n: torch.where(self.keeps[n], p, g)
+            for n, p, g in zip(names, prune.split(sizes), grow.split(sizes), strict=True)
+        }
 
     def _swap(self, groups: list[UnitGroup], scores: dict[str, torch.Tensor], fraction: float):
         """Prune the lowest-scoring kept units of `groups` (never below a group's minimum), then
@@ -195,6 +236,7 @@ class HeadPruneGrow(PruneGrowModifier):
                 self._gates[g.name].set(self.keeps[g.name])
             else:
                 self._gates[g.name] = UnitGate(g, self.keeps[g.name])
+        self._active.set(self.keeps)
         self._frozen = self._slices({n: ~k for n, k in self.keeps.items()})
 
     def _slices(self, selected: dict[str, torch.Tensor]) -> list[Slice]:
@@ -233,8 +275,10 @@ class HeadPruneGrow(PruneGrowModifier):
             "initialized": self.initialized,
             "updates_done": self.updates_done,
             "keeps": dict(self.keeps),
-            "scores": {n: s.cpu() for n, s in self.scores.items()},
+            "prune_sums": {n: s.cpu() for n, s in self.prune_sums.items()},
+            "grow_sums": {n: s.cpu() for n, s in self.grow_sums.items()},
             "batches": self.batches,
+            "grow_seen": self.grow_seen,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -248,11 +292,14 @@ class HeadPruneGrow(PruneGrowModifier):
         self.updates_done = int(state["updates_done"])
         self.keeps = {n: k.to(torch.bool).cpu() for n, k in state["keeps"].items()}
         groups = {g.name: g for g in self.groups}
-        self.scores = {
-            n: s.to(_zeros_beside(groups[n]).device, torch.float64)
-            for n, s in state["scores"].items()
-        }
+        for key in ("prune_sums", "grow_sums"):
+            sums = {
+                n: s.to(_zeros_beside(groups[n]).device, torch.float64)
+                for n, s in state[key].items()
+            }
+            setattr(self, key, sums)
         self.batches = int(state["batches"])
+        self.grow_seen = int(state["grow_seen"])
         if self.initialized:
             self._install()
 

@@ -66,6 +66,7 @@ class TokenSelect(Modifier):
 
     def on_batch_start(self, session: Session) -> None:
         self.selection.enabled = self.active(session.step)
+        self.selection.gather_in_training = self.compute == "active"
         self.selection.temperature = self.temperature(session.step)
         if self.selection.enabled and not self._checked_optimizer:
             self._check_optimizer(session)

@@ -53,6 +53,11 @@ class Training(_Strict):
         None, gt=0, description="Max global gradient norm; off if null."
     )
     seed: int = Field(0, ge=0, lt=2**32)
+    compute: Literal["active", "masked"] = Field(
+        "active",
+        description="active: between updates, train only the kept heads, neurons and tokens "
+        "(cheaper, same result); masked: full-size steps with masks.",
+    )
 
 
 class Targets(_Strict):
@@ -140,6 +145,12 @@ class HeadPruneGrowPhase(_Phase):
         0.5, gt=0, le=1, description="Share of active units replaced at the first update."
     )
     fraction_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    grow_batches: int = Field(
+        1,
+        ge=1,
+        le=10_000,
+        description="Batches before each update that run full size to score inactive units.",
+    )
 
 
 class TokenPlacement(_Strict):

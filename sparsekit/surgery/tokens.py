@@ -69,6 +69,7 @@ class TokenSelection:
         self.noise = True
         self.temperature = 1.0
         self.enabled = True
+        self.gather_in_training = False  # training on the active sub-network gathers too
         if not hasattr(model, "token_selectors"):
             dim = model.embed_dim
             model.token_selectors = nn.ModuleDict(
@@ -117,9 +118,14 @@ class TokenSelection:
             if not self.enabled:
                 return None
             x = args[0]
-            if block.training:
+            if block.training and not self.gather_in_training:
                 x = self._select_masked(x, scorer, placement.keep_ratio)
                 return (x, *args[1:]), {**kwargs, "attn_mask": self._key_mask()}
+            if block.training:
+                return (
+                    self._select_gathered_train(x, scorer, placement.keep_ratio),
+                    *args[1:],
+                ), kwargs
             return (self._select_gathered(x, scorer, placement.keep_ratio), *args[1:]), kwargs
 
         return hook
@@ -153,17 +159,40 @@ class TokenSelection:
         kept = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return torch.cat([prefix, kept], dim=1)
 
+    def _noisy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scores plus Gumbel noise (training), one draw per candidate token in order."""
+        if not self.noise:
+            return logits
+        return logits - torch.empty_like(logits).exponential_().log()
+
+    def _select_gathered_train(
+        self, x: torch.Tensor, scorer: TokenScorer, ratio: float
+    ) -> torch.Tensor:
+        """Training on the active sub-network: the same Gumbel top-k and straight-through
+        gradient as `_select_masked`, but the kept tokens are gathered."""
+        prefix, patches = x[:, : self.prefix], x[:, self.prefix :]
+        k = kept_count(patches.shape[1], ratio)
+        noisy = self._noisy(scorer(patches).float())
+        index = noisy.topk(k, dim=1).indices.sort(dim=1).values
+        soft = F.softmax(noisy / self.temperature, dim=1)
+        choice = (1.0 + (soft - soft.detach())).gather(1, index)  # exactly 1 going forward
+        kept = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return torch.cat([prefix, kept * choice.unsqueeze(-1).to(x.dtype)], dim=1)
+
     def _select_masked(self, x: torch.Tensor, scorer: TokenScorer, ratio: float) -> torch.Tensor:
         batch, length, _ = x.shape
         if self._alive is None:
             self._alive = torch.ones(batch, length, dtype=torch.bool, device=x.device)
         alive = self._alive[:, self.prefix :]
-        k = kept_count(int(alive[0].sum()), ratio)  # every sample has as many alive tokens
-        logits = scorer(x[:, self.prefix :]).float().masked_fill(~alive, float("-inf"))
-        noisy = logits
-        if self.noise:
-            gumbel = -torch.empty_like(logits).exponential_().log()
-            noisy = logits + gumbel
+        count = int(alive[0].sum())  # every sample has as many alive tokens
+        k = kept_count(count, ratio)
+        logits = scorer(x[:, self.prefix :]).float()
+        # Noise is drawn for the alive tokens only, in order, exactly as the gathered selection
+        # draws it, so both ways of training see the same choices.
+        positions = alive.nonzero()[:, 1].view(batch, count)
+        noisy = torch.full_like(logits, float("-inf")).scatter(
+            1, positions, self._noisy(logits.gather(1, positions))
+        )
         hard = torch.zeros_like(logits).scatter_(1, noisy.topk(k, dim=1).indices, 1.0)
         soft = F.softmax(noisy / self.temperature, dim=1)
         # Straight through: the forward value is exactly the hard 0/1 choice, the gradient is

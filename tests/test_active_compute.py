@@ -1,0 +1,120 @@
+"""Training on the active sub-network is the same training as the masked one, only cheaper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_vit
+
+from sparsekit import Session, Timeline, compile_recipe, load_recipe
+from sparsekit.modifiers.head_prune_grow import HeadPruneGrow
+
+
+def recipe(compute: str, tokens: bool = True) -> dict:
+    phases = [
+        {"kind": "unstructured_dst", "sparsity": 0.5, "update_every": "3 steps", "end": "100%"},
+        {
+            "kind": "head_prune_grow",
+            "head_density": 0.5,
+            "mlp_density": 0.5,
+            "update_every": "3 steps",
+            "grow_batches": 2,
+            "end": "100%",
+        },
+    ]
+    if tokens:
+        phases.append(
+            {
+                "kind": "token_select",
+                "placements": [
+                    {"before_block": 0, "keep_ratio": 0.75},
+                    {"before_block": 2, "keep_ratio": 0.5},
+                ],
+                "temperature_start": 1.0,
+            }
+        )
+    return {
+        "name": "active",
+        "training": {"epochs": 4, "batch_size": 8, "compute": compute, "schedule": {"warmup": 0}},
+        "phases": phases,
+    }
+
+
+def train(compute: str, steps: int = 13, tokens: bool = True, swiglu: bool = False, sgd=False):
+    torch.manual_seed(0)
+    extra = {"mlp_layer": __import__("timm").layers.SwiGLU} if swiglu else {}
+    model = tiny_vit(depth=3, num_heads=4, embed_dim=64, mlp_ratio=2.0, **extra)
+    timeline = Timeline(4, 4)
+    modifiers = compile_recipe(load_recipe(recipe(compute, tokens)), model, timeline)
+    optimizer = (
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.05)
+        if sgd
+        else torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    )
+    session = Session(model, optimizer, modifiers, timeline)
+    heads = next(m for m in modifiers if isinstance(m, HeadPruneGrow))
+    data = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)  # the Gumbel draws
+    history, active_steps = [], 0
+    for _ in range(steps):
+        x = torch.randn(8, 3, 32, 32, generator=data)
+        y = torch.randint(0, 10, (8,), generator=data)
+        session.batch_start()
+        active_steps += heads._active.enabled
+        F.cross_entropy(model(x), y).backward()
+        session.before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        session.after_optimizer_step()
+        history.append({k: v.clone() for k, v in session.unit_masks().items()})
+    return model, session, history, active_steps
+
+
+@pytest.mark.parametrize(
+    ("tokens", "swiglu", "sgd", "tolerance"),
+    [
+        # SGD keeps the float rounding of the two summation orders at rounding size. Adam
+        # divides tiny gradients by their own magnitude and so amplifies it, step by step.
+        (True, False, True, 1e-5),
+        (False, True, True, 1e-5),
+        (True, False, False, 2e-4),
+    ],
+)
+def test_active_and_masked_training_take_the_same_path(
+    tokens: bool, swiglu: bool, sgd: bool, tolerance: float
+) -> None:
+    masked, m_session, m_history, m_active = train("masked", tokens=tokens, swiglu=swiglu, sgd=sgd)
+    active, a_session, a_history, a_active = train("active", tokens=tokens, swiglu=swiglu, sgd=sgd)
+    assert m_active == 0 and a_active > 0  # the active run really ran on the sub-network
+    # Same unit masks after every step (four updates), and the same unstructured masks.
+    for m, a in zip(m_history, a_history, strict=True):
+        assert all(torch.equal(m[name], a[name]) for name in m)
+    moved = {tuple(torch.cat(list(h.values())).tolist()) for h in a_history}
+    assert len(moved) > 2  # the updates really changed heads and neurons
+    for name, mask in m_session.masks().items():
+        assert torch.equal(a_session.masks()[name], mask)
+    for (name, a), b in zip(masked.state_dict().items(), active.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=tolerance, rtol=0), name
+
+
+def test_inactive_units_are_untouched_by_active_steps() -> None:
+    model, session, _, _ = train("active", steps=5, tokens=False)
+    heads = next(m for m in session.modifiers if isinstance(m, HeadPruneGrow))
+    optimizer = session.optimizer
+    for g in heads.groups:
+        drop = ~session.unit_masks()[g.name]
+        before = g.consumer.weight[:, g.column_index(drop)].detach().clone()
+        session.step = 6  # not an update step, not a grow batch: an active step
+        session.batch_start()
+        assert heads._active.enabled
+        F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+        session.before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        session.after_optimizer_step()
+        assert torch.equal(g.consumer.weight[:, g.column_index(drop)], before)
+        for value in optimizer.state[g.consumer.weight].values():
+            if torch.is_tensor(value) and value.shape == g.consumer.weight.shape:
+                assert torch.all(value[:, g.column_index(drop)] == 0)
+        break
