@@ -16,8 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from sparsekit.errors import SparsekitError
 from sparsekit.modifiers import Modifier
 from sparsekit.recipe.schema import Recipe
 from sparsekit.timeline import Timeline
@@ -67,8 +69,11 @@ class Session:
     def after_optimizer_step(self) -> None:
         for m in self.modifiers:
             m.after_optimizer_step(self)
+        seen = len(self.events)
         for m in self.modifiers:
             m.on_update(self)
+        if len(self.events) != seen and dist.is_available() and dist.is_initialized():
+            check_ranks_agree(self.masks() | self.unit_masks(), self.step)
         self.step += 1
 
     def epoch_end(self) -> None:
@@ -124,3 +129,27 @@ class Session:
         self.epoch = int(state["epoch"])
         for m, s in zip(self.modifiers, state["modifiers"], strict=True):
             m.load_state_dict(s["state"])
+
+
+def check_ranks_agree(masks: dict[str, torch.Tensor], step: int) -> None:
+    """Fail loudly if the ranks hold different masks. Two numbers per mask (how many kept, and
+    the sum of their positions) are compared across ranks with one min and one max reduction:
+    cheap, and only run after an update."""
+    names = sorted(masks)
+    sums = []
+    for name in names:
+        kept = masks[name].flatten().nonzero().flatten().to(torch.float64)
+        sums += [float(kept.numel()), float(kept.sum())]
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    low = torch.tensor(sums, dtype=torch.float64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differ = (low != high).view(-1, 2).any(1).nonzero().flatten().tolist()
+    if differ:
+        raise SparsekitError(
+            f"ranks disagree on the masks after the update at step {step + 1} "
+            f"({', '.join(names[i] for i in differ[:3])}); decisions must be identical on every "
+            "rank. Check that every rank runs the same recipe, model and seed, and that nothing "
+            "changes the masks outside sparsekit."
+        )

@@ -56,8 +56,9 @@ class HeadPruneGrow(PruneGrowModifier):
         self.minimum = {g.name: self._minimum(g) for g in groups}
         self.budgets = {g.name: self._budget(g) for g in groups}
         self.keeps: dict[str, torch.Tensor] = {}
-        # Sums of |dL/dgate| since the last update: over every batch (the prune score of active
+        # Sums of dL/dgate since the last update: over every batch (the prune score of active
         # units) and over the full-size batches just before it (the grow score of inactive ones).
+        # Signed sums: the score is |mean gradient|, so summing ranks at the update is exact.
         self.prune_sums: dict[str, torch.Tensor] = {}
         self.grow_sums: dict[str, torch.Tensor] = {}
         self.batches = 0
@@ -115,7 +116,7 @@ class HeadPruneGrow(PruneGrowModifier):
             if grad is None or not scoring:
                 continue
             # A step whose fp16 gradients overflowed carries no ranking: count it as 0.
-            grad = grad.nan_to_num_(0.0, posinf=0.0).to(torch.float64)
+            grad = grad.nan_to_num_(0.0, posinf=0.0, neginf=0.0).to(torch.float64)
             self.prune_sums[name] += grad
             if grow:
                 self.grow_sums[name] += grad
@@ -184,9 +185,11 @@ class HeadPruneGrow(PruneGrowModifier):
         self.batches = self.grow_seen = 0
 
     def _mean_scores(self) -> dict[str, torch.Tensor]:
-        """Per unit: the prune score (mean over the batches since the last update) if it is
-        active, the grow score (mean over the full-size batches) if not; summed over all ranks
-        when distributed (one all-reduce per update), so every rank takes the same decision."""
+        """Per unit: the prune score (|mean gate gradient| over the batches since the last
+        update) if it is active, the grow score (the same over the full-size batches) if not.
+        Under torch.distributed the sums and batch counts of all ranks are added first (one
+        all-reduce per update): the mean over ranks of each rank's gradient is the gradient of
+        the whole batch, so every rank takes the decision a single process would."""
         names = list(self.prune_sums)
         device = self.prune_sums[names[0]].device
         counts = torch.tensor([self.batches, self.grow_seen], dtype=torch.float64, device=device)
@@ -197,8 +200,8 @@ class HeadPruneGrow(PruneGrowModifier):
             dist.all_reduce(flat)
         flat = flat.cpu()
         half = (flat.numel() - 2) // 2
-        prune = flat[:half] / flat[-2].clamp(min=1)
-        grow = flat[half:-2] / flat[-1].clamp(min=1)
+        prune = (flat[:half] / flat[-2].clamp(min=1)).abs()
+        grow = (flat[half:-2] / flat[-1].clamp(min=1)).abs()
         sizes = [self.prune_sums[n].numel() for n in names]
         return {
             n: torch.where(self.keeps[n], p, g)
@@ -271,14 +274,26 @@ class HeadPruneGrow(PruneGrowModifier):
         return dict(self.keeps)
 
     def state_dict(self) -> dict[str, Any]:
+        """Under torch.distributed every rank must call this: the score sums of all ranks are
+        added up (the checkpoint holds the run's sums, not one rank's)."""
+        names = list(self.prune_sums)
+        device = self.prune_sums[names[0]].device if names else torch.device("cpu")
+        counts = torch.tensor([self.batches, self.grow_seen], dtype=torch.float64, device=device)
+        flat = torch.cat([*self.prune_sums.values(), *self.grow_sums.values(), counts])
+        if dist.is_available() and dist.is_initialized():
+            flat = flat.clone()
+            dist.all_reduce(flat)
+        flat = flat.cpu()
+        sizes = [self.prune_sums[n].numel() for n in names]
+        half = sum(sizes)
         return {
             "initialized": self.initialized,
             "updates_done": self.updates_done,
             "keeps": dict(self.keeps),
-            "prune_sums": {n: s.cpu() for n, s in self.prune_sums.items()},
-            "grow_sums": {n: s.cpu() for n, s in self.grow_sums.items()},
-            "batches": self.batches,
-            "grow_seen": self.grow_seen,
+            "prune_sums": dict(zip(names, flat[:half].split(sizes), strict=True)),
+            "grow_sums": dict(zip(names, flat[half : 2 * half].split(sizes), strict=True)),
+            "batches": int(flat[-2]),
+            "grow_seen": int(flat[-1]),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -291,15 +306,18 @@ class HeadPruneGrow(PruneGrowModifier):
         self.initialized = bool(state["initialized"])
         self.updates_done = int(state["updates_done"])
         self.keeps = {n: k.to(torch.bool).cpu() for n, k in state["keeps"].items()}
+        # The saved sums are the whole run's: rank 0 carries them on, the other ranks start from
+        # zero, so the next update's all-reduce adds up to what an uninterrupted run would have.
+        first = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         groups = {g.name: g for g in self.groups}
         for key in ("prune_sums", "grow_sums"):
             sums = {
-                n: s.to(_zeros_beside(groups[n]).device, torch.float64)
+                n: s.to(_zeros_beside(groups[n]).device, torch.float64) * first
                 for n, s in state[key].items()
             }
             setattr(self, key, sums)
-        self.batches = int(state["batches"])
-        self.grow_seen = int(state["grow_seen"])
+        self.batches = int(state["batches"]) if first else 0
+        self.grow_seen = int(state["grow_seen"]) if first else 0
         if self.initialized:
             self._install()
 

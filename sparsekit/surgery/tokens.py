@@ -160,10 +160,21 @@ class TokenSelection:
         return torch.cat([prefix, kept], dim=1)
 
     def _noisy(self, logits: torch.Tensor) -> torch.Tensor:
-        """Scores plus Gumbel noise (training), one draw per candidate token in order."""
+        """Scores plus Gumbel noise (training), one draw per candidate token in order.
+
+        Under torch.distributed every rank draws the noise of the whole global batch from the
+        same generator state and keeps its own rows (rank r holds the r-th slice of each global
+        batch), so the draws are those a single process would make for the same samples.
+        """
         if not self.noise:
             return logits
-        return logits - torch.empty_like(logits).exponential_().log()
+        rank, world = _rank_and_world()
+        batch = logits.shape[0]
+        draws = torch.empty(
+            (batch * world, *logits.shape[1:]), dtype=logits.dtype, device=logits.device
+        )
+        gumbel = -draws.exponential_().log()[rank * batch : (rank + 1) * batch]
+        return logits + gumbel
 
     def _select_gathered_train(
         self, x: torch.Tensor, scorer: TokenScorer, ratio: float
@@ -240,3 +251,11 @@ def check_selectable(model: nn.Module, placements: list[Placement]) -> None:
                 "tokens could not be hidden from it during training; token selection is not "
                 "supported on this model."
             )
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

@@ -150,9 +150,9 @@ class UnitGate:
         self.values.copy_(keep)
 
     def take_grad(self) -> torch.Tensor | None:
-        """|dL/dg| since the last call (None when no backward ran), and clear it."""
+        """dL/dg since the last call (None when no backward ran), and clear it."""
         grad, self.values.grad = self.values.grad, None
-        return None if grad is None else grad.detach().abs()
+        return None if grad is None else grad.detach()
 
     def remove(self) -> None:
         self._handle.remove()

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, RandomSampler, Subset
 
 from sparsekit.analysis.sparsity import global_sparsity, sparsity_report
 from sparsekit.atomic import write_text_atomic
@@ -34,6 +35,7 @@ from sparsekit.session import Session
 from sparsekit.timeline import Timeline
 from sparsekit.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sparsekit.train.data import DataBundle, build_data
+from sparsekit.train.distributed import ShardedBatchSampler, join, leave, sum_over_ranks
 
 
 @dataclass
@@ -62,7 +64,9 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     _check_output(out, run.resume)
     if run.stop_after_epoch is not None and run.stop_after_epoch < 1:
         raise SparsekitError(f"--stop-after-epoch must be 1 or more, got {run.stop_after_epoch}.")
-    device = _pick_device(run.device)
+    ranks, device = join(_pick_device(run.device))
+    if not ranks.main:
+        console = Console(quiet=True)  # rank 0 speaks and writes for the run
     torch.manual_seed(cfg.seed)
 
     # Data and model.
@@ -70,14 +74,19 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     spec = model_spec(run, data, cfg.drop_path)
     model = create_model(spec, run.pretrained, run.checkpoint).to(device)
     sampler_gen = torch.Generator()
+    if ranks.world == 1:
+        batches: dict[str, Any] = {
+            "batch_size": cfg.batch_size,
+            "sampler": RandomSampler(data.train, generator=sampler_gen),
+        }
+    else:
+        sampler = ShardedBatchSampler(len(data.train), cfg.batch_size, ranks, sampler_gen)
+        batches = {"batch_sampler": sampler}
     loader = DataLoader(
-        data.train,
-        batch_size=cfg.batch_size,
-        sampler=RandomSampler(data.train, generator=sampler_gen),
-        num_workers=run.workers,
-        pin_memory=device.type == "cuda",
+        data.train, **batches, num_workers=run.workers, pin_memory=device.type == "cuda"
     )
-    val_loader = DataLoader(data.val, batch_size=max(cfg.batch_size, 256), num_workers=run.workers)
+    val = Subset(data.val, range(ranks.rank, len(data.val), ranks.world))
+    val_loader = DataLoader(val, batch_size=max(cfg.batch_size, 256), num_workers=run.workers)
 
     # Optimizer, schedule and the recipe's session.
     timeline = Timeline(cfg.epochs, len(loader))
@@ -101,6 +110,14 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
         ),
     )
     session = Session(model, optimizer, modifiers, timeline)
+    # The session and its modifiers work on the model itself; DDP runs forward and backward.
+    trained = model
+    if ranks.world > 1:
+        trained = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=any(m.kind == "token_select" for m in modifiers),
+        )
     amp_dtype = _amp_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -109,9 +126,9 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     start_epoch, elapsed = 0, 0.0
     if run.resume:
         start_epoch, elapsed = _resume(
-            out, recipe, spec, model, optimizer, scheduler, scaler, session
+            out, recipe, spec, model, optimizer, scheduler, scaler, session, ranks.main
         )
-    else:
+    elif ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
         write_text_atomic(out / "run.json", json.dumps(_run_record(spec, run, data.name), indent=2))
@@ -132,7 +149,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
                 images, labels = images.to(device, non_blocking=True), labels.to(device)
                 session.batch_start()
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(images)
+                    logits = trained(images)
                     loss = criterion(logits, labels)
                 if not torch.isfinite(loss):
                     raise SparsekitError(
@@ -170,6 +187,8 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
             session.epoch_end()
 
             # Evaluate, log, checkpoint (metrics first: resume drops lines past the checkpoint).
+            # Every rank evaluates its share of the validation set; the sums are added up.
+            loss_sum, correct, seen = sum_over_ranks([loss_sum, correct, seen], device)
             val_loss, val_acc = evaluate(model, val_loader, device, amp_dtype)
             metrics = {
                 "epoch": epoch + 1,
@@ -184,40 +203,40 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
                 "steps_in_epoch": len(loader),
                 "time_s": time.perf_counter() - started,
             }
-            _append_metrics(
-                out,
-                [
-                    *({"epoch": epoch + 1, **e} for e in session.events),
-                    {"event": "epoch", **metrics},
-                ],
-            )
+            records = [
+                *({"epoch": epoch + 1, **e} for e in session.events),
+                {"event": "epoch", **metrics},
+            ]
             session.events.clear()
             console.print(
                 f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.3f}  "
                 f"val acc {val_acc:.4f}  sparsity {metrics['sparsity']:.4f}"
             )
-            save_checkpoint(
-                out / "checkpoint.pt",
-                {
-                    "epoch": epoch + 1,
-                    "steps_per_epoch": len(loader),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "session": session.state_dict(),
-                    "rng": capture_rng(),
-                    "elapsed_s": metrics["time_s"],
-                },
-            )
+            checkpoint = {
+                "epoch": epoch + 1,
+                "steps_per_epoch": len(loader),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "session": session.state_dict(),  # on every rank: it may add up across ranks
+                "rng": capture_rng(),
+                "elapsed_s": metrics["time_s"],
+            }
+            if ranks.main:
+                _append_metrics(out, records)
+                save_checkpoint(out / "checkpoint.pt", checkpoint)
 
     if last_epoch < cfg.epochs:
         console.print(f"stopped after epoch {last_epoch} of {cfg.epochs}; continue with --resume.")
+        leave()
         return {"stopped_at_epoch": last_epoch}
     session.finalize()
     summary = _summary(out, spec, data.name, model, session)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    if ranks.main:
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     console.print(summary_table(summary, out))
+    leave()
     return summary
 
 
@@ -241,7 +260,8 @@ def model_spec(run: RunConfig, data: DataBundle, drop_path: float) -> ModelSpec:
 def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
 ) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy over `loader`."""
+    """Mean cross-entropy and top-1 accuracy over `loader` (over every rank's share of the
+    data under torch.distributed)."""
     model.eval()
     loss_sum = correct = seen = 0.0
     for images, labels in loader:
@@ -251,6 +271,7 @@ def evaluate(
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
+    loss_sum, correct, seen = sum_over_ranks([loss_sum, correct, seen], device)
     return loss_sum / seen, correct / seen
 
 
@@ -357,6 +378,7 @@ def _resume(
     scheduler: Any,
     scaler: Any,
     session: Session,
+    main: bool = True,
 ) -> tuple[int, float]:
     """Restore every piece of state from the run folder; return (epoch to continue from,
     seconds trained so far)."""
@@ -382,8 +404,9 @@ def _resume(
     session.load_state_dict(ckpt["session"])
     restore_rng(ckpt["rng"])
     epoch = int(ckpt["epoch"])
-    kept = [r for r in read_metrics(out) if r.get("epoch", 0) <= epoch]
-    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    if main:  # every rank loads the checkpoint; only rank 0 rewrites the log
+        kept = [r for r in read_metrics(out) if r.get("epoch", 0) <= epoch]
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     return epoch, float(ckpt.get("elapsed_s", 0.0))
 
 
