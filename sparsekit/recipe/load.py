@@ -20,6 +20,11 @@ from sparsekit.errors import RecipeError
 from sparsekit.recipe.checks import check_recipe
 from sparsekit.recipe.schema import PHASE_KINDS, Recipe
 
+# Limits a recipe never needs but a hostile file could exploit: a recipe is a few kB.
+MAX_BYTES = 1 << 20  # 1 MiB of YAML
+MAX_DEPTH = 32  # nested mappings and lists
+MAX_VALUES = 100_000  # values once YAML aliases are expanded ("billion laughs")
+
 _OVERRIDE_PATH = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|(\.)")
 Loc = tuple[str | int, ...]
 
@@ -68,6 +73,12 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
             f"{path}: no such recipe file. Check the path, or list the shipped "
             "recipes in the recipes/ folder."
         )
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise RecipeError(
+            f"{path}: the recipe file is {size:,} bytes; recipes are limited to {MAX_BYTES:,} "
+            "bytes (a real recipe is a few kB). Check that this is the file you meant."
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -76,7 +87,13 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
         ) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_size(node, path)
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(
+            f"{path}: the YAML is nested too deeply to read; recipes nest at most "
+            f"{MAX_DEPTH} levels."
+        ) from None
     except yaml.YAMLError as err:
         where = ""
         mark = getattr(err, "problem_mark", None)
@@ -100,6 +117,37 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
     lines: dict[Loc, int] = {}
     _index_lines(node, (), lines, path)
     return data, lines
+
+
+def _check_size(node: yaml.Node | None, path: Path) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and more than MAX_VALUES values with aliases
+    expanded, before anything walks the tree value by value."""
+    if node is None:
+        return
+    counts: dict[int, int] = {}  # values under each node, aliases expanded
+
+    def count(n: yaml.Node, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise RecipeError(
+                f"{path}: values are nested more than {MAX_DEPTH} levels deep (line "
+                f"{n.start_mark.line + 1}); recipes nest a few levels."
+            )
+        if id(n) in counts:
+            return counts[id(n)]
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            total += sum(count(k, depth + 1) + count(v, depth + 1) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total += sum(count(v, depth + 1) for v in n.value)
+        if total > MAX_VALUES:
+            raise RecipeError(
+                f"{path}: the recipe expands to more than {MAX_VALUES:,} values (YAML anchors "
+                "and aliases that repeat each other?); a recipe holds a few dozen."
+            )
+        counts[id(n)] = total
+        return total
+
+    count(node, 0)
 
 
 def _index_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int], path: Path) -> None:

@@ -17,7 +17,7 @@ ROLES: tuple[str, ...] = Role.__args__
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class Optimizer(_Strict):
@@ -26,7 +26,9 @@ class Optimizer(_Strict):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(5e-4, gt=0, le=10, description="Peak learning rate, reached after warm-up.")
     weight_decay: float = Field(0.05, ge=0, le=1)
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW betas, each in [0, 1)."
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     nesterov: bool = False
 
