@@ -21,6 +21,4 @@ def pytest_terminal_summary(terminalreporter) -> None:
     tried = getattr(module, "TRIED", None)
     if tried:
         parts = ", ".join(f"{n} {kind}" for kind, n in tried.items())
-        terminalreporter.write_line(
-            f"hostile recipes tried: {sum(tried.values())} ({parts})"
-        )
+        terminalreporter.write_line(f"hostile recipes tried: {sum(tried.values())} ({parts})")

@@ -161,6 +161,8 @@ def alias_bomb(levels: int) -> str:
         ("name: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML"),
         ("name: x\ntraining: {optimizer: {lr: .nan, betas: [.inf, 0.5]}}\n", "finite"),
         ("name: x\ntraining: {epochs: 1e400}\n", "training.epochs"),
+        # Found by the property test: PyYAML's timestamp constructor crashes on this.
+        ("!!timestamp 2001-12-14# comment\nname: x\n", "not valid YAML"),
     ],
     ids=[
         "alias-bomb",
@@ -170,6 +172,7 @@ def alias_bomb(levels: int) -> str:
         "python-tag",
         "nan-inf",
         "huge-number",
+        "pyyaml-timestamp-crash",
     ],
 )
 def test_known_attacks_are_refused_quickly(tmp_path: Path, text: str, message: str) -> None:

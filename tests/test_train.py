@@ -218,3 +218,21 @@ def test_cli_apply_from_local_weights(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import sparsekit.train.trainer as trainer
+    from sparsekit.errors import SparsekitError
+
+    run(tmp_path, "nan", stop_after_epoch=1)
+
+    class Exploding(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, labels):
+            return super().forward(logits, labels) * float("nan")
+
+    monkeypatch.setattr(trainer.nn, "CrossEntropyLoss", Exploding)
+    with pytest.raises(SparsekitError, match="the loss became nan at step .* --resume"):
+        run(tmp_path, "nan", resume=True)
+    assert load_checkpoint(tmp_path / "nan" / "checkpoint.pt")["epoch"] == 1

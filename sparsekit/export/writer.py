@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sparsekit.atomic import default_file_mode
+from sparsekit.atomic import default_file_mode, remove_torn
 from sparsekit.errors import SparsekitError
 from sparsekit.export.manifest import (
     FORMAT_VERSION,
@@ -119,6 +119,7 @@ def _write(
             "empty folder so nothing of yours is overwritten."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_torn(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         text = manifest.model_dump_json(indent=2)

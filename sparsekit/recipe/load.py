@@ -94,6 +94,13 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
             f"{path}: the YAML is nested too deeply to read; recipes nest at most "
             f"{MAX_DEPTH} levels."
         ) from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as err:
+        # PyYAML's own constructors fail this way on some malformed tagged scalars
+        # (`!!timestamp 2001-12-14#...`, `!!binary` with bad padding).
+        raise RecipeError(
+            f"{path}: not valid YAML: a value could not be read ({type(err).__name__}: {err}). "
+            "Recipes are plain YAML mappings; tags such as !!timestamp or !!binary are not needed."
+        ) from None
     except yaml.YAMLError as err:
         where = ""
         mark = getattr(err, "problem_mark", None)

@@ -35,9 +35,21 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write `payload` (plus the format number) so a crash never leaves a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **payload}, tmp)
+    """Write `payload` (plus the format number) so a crash never leaves a half-written file.
+
+    Raises:
+        SparsekitError: the write failed (a full disk, most often); the previous checkpoint is
+            untouched, since the new one is written beside it and renamed only when complete.
+    """
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({"format": FORMAT, **payload}, tmp)
+    except (OSError, RuntimeError) as err:
+        raise SparsekitError(
+            f"could not write the checkpoint {path} ({err}); the previous checkpoint, if any, "
+            "is intact. Free disk space (or fix the folder's permissions) and continue with "
+            "--resume."
+        ) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
