@@ -102,3 +102,20 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) 
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+
+
+def test_a_tampered_or_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
+    from sparsekit.errors import SparsekitError
+    from sparsekit.train.checkpoint import save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(4)}})
+    payload = torch.load(path, weights_only=True)
+    payload["model"]["w"][0] = 5.0  # edited after the fact, hash left as it was
+    torch.save(payload, path)
+    with pytest.raises(SparsekitError, match="modified or damaged"):
+        load_checkpoint(path)
+    save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(4)}})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(SparsekitError, match="cannot be read"):
+        load_checkpoint(path)

@@ -236,3 +236,59 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
     with pytest.raises(SparsekitError, match="the loss became nan at step .* --resume"):
         run(tmp_path, "nan", resume=True)
     assert load_checkpoint(tmp_path / "nan" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_non_finite_losses_can_be_skipped(tmp_path: Path, monkeypatch) -> None:
+    import sparsekit.train.trainer as trainer
+    from sparsekit.errors import SparsekitError
+
+    calls = {"n": 0}
+
+    class Sometimes(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, labels):
+            calls["n"] += 1
+            loss = super().forward(logits, labels)
+            return loss * float("nan") if calls["n"] % 4 == 0 else loss
+
+    monkeypatch.setattr(trainer.nn, "CrossEntropyLoss", Sometimes)
+    recipe = dict(RECIPE, training={**RECIPE["training"], "nonfinite_loss": "skip"})
+    config = RunConfig(
+        model="vit_tiny_patch16_224", data="synthetic", output=tmp_path / "skip", extra=SMALL_MODEL
+    )
+    summary = train(load_recipe(recipe), config)
+    skipped = [
+        json.loads(line)
+        for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()
+        if "skipped_step" in line
+    ]
+    assert len(skipped) == calls["n"] // 4 and summary["steps"] == 3 * 8
+
+    class Always(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, labels):
+            return super().forward(logits, labels) * float("inf")
+
+    monkeypatch.setattr(trainer.nn, "CrossEntropyLoss", Always)
+    config = RunConfig(
+        model="vit_tiny_patch16_224",
+        data="synthetic",
+        output=tmp_path / "always",
+        extra=SMALL_MODEL,
+    )
+    with pytest.raises(SparsekitError, match="11 steps in a row"):
+        train(load_recipe(recipe), config)
+
+
+def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sparsekit.errors import SparsekitError
+    from sparsekit.train.data import build_data
+
+    for split in ("train", "val"):
+        folder = tmp_path / "images" / split / "cat"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / "fine.png")
+    (tmp_path / "images" / "train" / "cat" / "broken.png").write_bytes(b"not a png at all")
+    data = build_data(str(tmp_path / "images"), img_size=32)
+    with pytest.raises(SparsekitError, match="broken.png"):
+        [data.train[i] for i in range(len(data.train))]

@@ -55,6 +55,11 @@ class Training(_Strict):
         None, gt=0, description="Max global gradient norm; off if null."
     )
     seed: int = Field(0, ge=0, lt=2**32)
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop",
+        description="On a NaN/inf loss: stop (the last checkpoint is kept), or skip the step "
+        "(no optimizer step; the run stops after 10 skips in a row).",
+    )
     compute: Literal["active", "masked"] = Field(
         "active",
         description="active: between updates, train only the kept heads, neurons and tokens "

@@ -14,6 +14,7 @@ import torch
 
 from sparsekit.atomic import atomic_path
 from sparsekit.errors import SparsekitError
+from sparsekit.export.manifest import tensors_sha256
 
 FORMAT = 1
 
@@ -41,6 +42,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         SparsekitError: the write failed (a full disk, most often); the previous checkpoint is
             untouched, since the new one is written beside it and renamed only when complete.
     """
+    if "model" in payload:  # detects a checkpoint whose weights changed after it was written
+        payload = {**payload, "model_sha256": tensors_sha256(payload["model"])}
     try:
         with atomic_path(path) as tmp:
             torch.save({"format": FORMAT, **payload}, tmp)
@@ -73,5 +76,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise SparsekitError(
             f"{path}: not a sparsekit checkpoint of format {FORMAT}; it was written by another "
             "tool or version."
+        )
+    expected = payload.get("model_sha256")
+    if expected is not None and tensors_sha256(payload["model"]) != expected:
+        raise SparsekitError(
+            f"{path}: the model weights do not match the hash recorded when the checkpoint was "
+            "written, so it was modified or damaged afterwards. Resume from a good copy, or "
+            "start the run again in a new --output folder."
         )
     return payload

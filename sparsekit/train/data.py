@@ -117,8 +117,12 @@ def _image_folder(root: Path, img_size: int) -> DataBundle:
             "--data digits or --data synthetic for the built-in sets."
         )
     try:
-        train = ImageFolder(str(root / "train"), create_transform(img_size, is_training=True))
-        val = ImageFolder(str(root / "val"), create_transform(img_size, is_training=False))
+        train = ImageFolder(
+            str(root / "train"), create_transform(img_size, is_training=True), loader=_open_image
+        )
+        val = ImageFolder(
+            str(root / "val"), create_transform(img_size, is_training=False), loader=_open_image
+        )
     except (FileNotFoundError, OSError) as err:
         raise SparsekitError(f"--data {root}: {err}") from None
     if train.classes != val.classes:
@@ -127,3 +131,18 @@ def _image_folder(root: Path, img_size: int) -> DataBundle:
             f"{len(val.classes)}; both must hold the same class folders."
         )
     return DataBundle(str(root), train, val, len(train.classes), 3, img_size, patch_size=None)
+
+
+def _open_image(path: str):
+    """An RGB image, or an error naming the file that cannot be read (rather than a PIL
+    traceback from inside the data loader)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise SparsekitError(
+            f"cannot read the image {path} ({type(err).__name__}: {err}). Remove or replace "
+            "it, then continue with --resume (an interrupted run keeps its last checkpoint)."
+        ) from None

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -136,6 +138,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     last_epoch = min(cfg.epochs, run.stop_after_epoch or cfg.epochs)
 
     started = time.perf_counter() - elapsed
+    skipped = 0  # non-finite losses skipped in a row
     with _progress(console) as progress:
         for epoch in range(start_epoch, last_epoch):
             # Train one epoch; the sampler's order depends only on (seed, epoch).
@@ -148,15 +151,39 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
             for images, labels in loader:
                 images, labels = images.to(device, non_blocking=True), labels.to(device)
                 session.batch_start()
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = trained(images)
-                    loss = criterion(logits, labels)
-                if not torch.isfinite(loss):
+                try:
+                    with torch.autocast(
+                        device.type, dtype=amp_dtype, enabled=amp_dtype is not None
+                    ):
+                        logits = trained(images)
+                        loss = criterion(logits, labels)
+                except torch.cuda.OutOfMemoryError:
                     raise SparsekitError(
-                        f"the loss became {loss.item()} at step {session.step} (epoch {epoch + 1}). "
-                        "Lower training.optimizer.lr or set training.grad_clip, then resume from "
-                        f"the last checkpoint with --resume (it holds epoch {epoch})."
-                    )
+                        f"a batch of {len(labels)} images per process does not fit in the memory "
+                        f"of {device}; give a smaller global batch (e.g. --batch-size "
+                        f"{max(1, cfg.batch_size // 2)}) or a smaller --img-size."
+                    ) from None
+                if not all_finite(loss, device):
+                    if cfg.nonfinite_loss == "stop" or skipped >= MAX_SKIPPED_IN_A_ROW:
+                        streak = f", {skipped + 1} steps in a row" if skipped else ""
+                        raise SparsekitError(
+                            f"the loss became {loss.item()} at step {session.step} (epoch "
+                            f"{epoch + 1}{streak}). Lower training.optimizer.lr or set "
+                            "training.grad_clip, then resume from the last checkpoint with "
+                            f"--resume (it holds epoch {epoch})."
+                        )
+                    # Skip: no backward, no optimizer step; the phases still see the step.
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    session.before_optimizer_step()
+                    session.after_optimizer_step()
+                    with warnings.catch_warnings():  # "scheduler before optimizer": on purpose
+                        warnings.simplefilter("ignore", UserWarning)
+                        scheduler.step()
+                    session.events.append({"event": "skipped_step", "step": session.step})
+                    progress.update(task, advance=1)
+                    continue
+                skipped = 0
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 session.before_optimizer_step()
@@ -193,8 +220,8 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
             metrics = {
                 "epoch": epoch + 1,
                 "step": session.step,
-                "train_loss": loss_sum / seen,
-                "train_acc": correct / seen,
+                "train_loss": loss_sum / seen if seen else math.nan,  # nan: all steps skipped
+                "train_acc": correct / seen if seen else math.nan,
                 "val_loss": val_loss,
                 "val_acc": val_acc,
                 "lr": scheduler.get_last_lr()[0],
@@ -254,6 +281,18 @@ def model_spec(run: RunConfig, data: DataBundle, drop_path: float) -> ModelSpec:
             **run.extra,
         },
     )
+
+
+MAX_SKIPPED_IN_A_ROW = 10  # with nonfinite_loss: skip, a longer streak stops the run
+
+
+def all_finite(loss: torch.Tensor, device: torch.device) -> bool:
+    """Whether the loss is finite on every process, so that all skip a step or none does
+    (a process skipping alone would leave DDP waiting for its gradients)."""
+    finite = float(bool(torch.isfinite(loss)))
+    if dist.is_available() and dist.is_initialized():
+        return sum_over_ranks([finite], device)[0] == dist.get_world_size()
+    return finite == 1.0
 
 
 @torch.no_grad()
