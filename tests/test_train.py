@@ -292,3 +292,29 @@ def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
     data = build_data(str(tmp_path / "images"), img_size=32)
     with pytest.raises(SparsekitError, match="broken.png"):
         [data.train[i] for i in range(len(data.train))]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
+    from sparsekit.errors import SparsekitError
+    from sparsekit.train.checkpoint import save_checkpoint
+
+    run(tmp_path, "other", stop_after_epoch=1)
+    path = tmp_path / "other" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["model"] = {"not.a.weight": torch.zeros(2)}  # written by something else entirely
+    del ckpt["format"], ckpt["model_sha256"]
+    save_checkpoint(path, ckpt)
+    with pytest.raises(SparsekitError, match="does not fit this run"):
+        run(tmp_path, "other", resume=True)
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path, monkeypatch) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sparsekit.train.trainer.train", interrupted)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    result = runner.invoke(app, ["apply", str(recipe), *TINY_RUN, "--output", str(tmp_path / "c")])
+    assert result.exit_code == 130
+    assert "--resume" in result.output and "Traceback" not in result.output

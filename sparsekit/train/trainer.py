@@ -436,11 +436,18 @@ def _resume(
             "same --model, --data, --img-size and --patch-size."
         )
     ckpt = load_checkpoint(out / "checkpoint.pt")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    session.load_state_dict(ckpt["session"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        session.load_state_dict(ckpt["session"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise SparsekitError(
+            f"--resume: {out}/checkpoint.pt does not fit this run ({str(err).splitlines()[0][:200]}); "
+            "it was written for another model or recipe. Resume with the options the run started "
+            "with, or start a new --output folder."
+        ) from None
     restore_rng(ckpt["rng"])
     epoch = int(ckpt["epoch"])
     if main:  # every rank loads the checkpoint; only rank 0 rewrites the log
