@@ -292,6 +292,10 @@ def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
     data = build_data(str(tmp_path / "images"), img_size=32)
     with pytest.raises(SparsekitError, match="broken.png"):
         [data.train[i] for i in range(len(data.train))]
+    # Or skipped and counted, when asked.
+    data = build_data(str(tmp_path / "images"), img_size=32, bad_images="skip")
+    assert len(data.train) == 1 and [Path(p).name for p in data.skipped] == ["broken.png"]
+    assert data.train[0][0].shape == (3, 32, 32)
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:

@@ -86,6 +86,13 @@ def apply(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
+    bad_images: Annotated[
+        str,
+        typer.Option(
+            help="Image folders: 'refuse' stops at an unreadable image (named); 'skip' checks "
+            "every image up front and leaves the unreadable ones out (counted)."
+        ),
+    ] = "refuse",
     resume: Annotated[bool, typer.Option(help="Continue the run in --output.")] = False,
     stop_after_epoch: Annotated[
         int | None,
@@ -95,6 +102,8 @@ def apply(
     """Train MODEL under RECIPE: dense warm-up and sparse phases as the recipe declares."""
     from sparsekit.train.trainer import RunConfig, train
 
+    if bad_images not in ("refuse", "skip"):
+        raise SparsekitError(f"--bad-images {bad_images!r}: use 'refuse' or 'skip'.")
     loaded = load_recipe(recipe, overrides_from(set_, epochs, batch_size, lr))
     run = RunConfig(
         model=model,
@@ -106,6 +115,7 @@ def apply(
         checkpoint=checkpoint,
         device=device,
         workers=workers,
+        bad_images=bad_images,
         resume=resume,
         stop_after_epoch=stop_after_epoch,
         extra=parse_model_args(model_arg),

@@ -6,7 +6,7 @@ download), split train/val with a fixed seed; it makes a full run take minutes o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ class DataBundle:
     in_chans: int
     img_size: int
     patch_size: int | None  # None: keep the model's own patch size
+    skipped: list[str] = field(default_factory=list)  # unreadable images left out
 
 
 class TensorImages(Dataset):
@@ -60,13 +61,20 @@ class TensorImages(Dataset):
         return image, self.labels[index]
 
 
-def build_data(source: str, img_size: int | None = None, seed: int = 0) -> DataBundle:
-    """`digits`, `synthetic`, or a folder holding `train/` and `val/` ImageFolder trees."""
+def build_data(
+    source: str, img_size: int | None = None, seed: int = 0, bad_images: str = "refuse"
+) -> DataBundle:
+    """`digits`, `synthetic`, or a folder holding `train/` and `val/` ImageFolder trees.
+
+    `bad_images` (folders only): `refuse` stops at the first unreadable image, naming it;
+    `skip` checks every image once, up front, and leaves the unreadable ones out (listed in
+    `DataBundle.skipped`).
+    """
     if source == "digits":
         return _digits(img_size or 8, seed)
     if source == "synthetic":
         return _synthetic(img_size or 32, seed)
-    return _image_folder(Path(source), img_size or 224)
+    return _image_folder(Path(source), img_size or 224, bad_images)
 
 
 def _digits(img_size: int, seed: int) -> DataBundle:
@@ -105,7 +113,7 @@ def _synthetic(img_size: int, seed: int, classes: int = 10) -> DataBundle:
     return DataBundle("synthetic", make(256), make(64), classes, 3, img_size, patch_size=8)
 
 
-def _image_folder(root: Path, img_size: int) -> DataBundle:
+def _image_folder(root: Path, img_size: int, bad_images: str = "refuse") -> DataBundle:
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
@@ -130,7 +138,32 @@ def _image_folder(root: Path, img_size: int) -> DataBundle:
             f"--data {root}: train/ has {len(train.classes)} classes and val/ has "
             f"{len(val.classes)}; both must hold the same class folders."
         )
-    return DataBundle(str(root), train, val, len(train.classes), 3, img_size, patch_size=None)
+    skipped = _drop_unreadable(train) + _drop_unreadable(val) if bad_images == "skip" else []
+    if not len(train) or not len(val):
+        raise SparsekitError(
+            f"--data {root}: no readable images left in {'train/' if not len(train) else 'val/'} "
+            f"({len(skipped)} unreadable skipped)."
+        )
+    return DataBundle(
+        str(root), train, val, len(train.classes), 3, img_size, patch_size=None, skipped=skipped
+    )
+
+
+def _drop_unreadable(folder) -> list[str]:
+    """Check every image's header once; leave out the ones PIL cannot read."""
+    from PIL import Image
+
+    kept, dropped = [], []
+    for path, label in folder.samples:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            kept.append((path, label))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            dropped.append(path)
+    folder.samples = folder.imgs = kept
+    folder.targets = [label for _, label in kept]
+    return dropped
 
 
 def _open_image(path: str):

@@ -55,6 +55,7 @@ class RunConfig:
     workers: int = 0
     resume: bool = False
     stop_after_epoch: int | None = None
+    bad_images: str = "refuse"  # image folders: refuse or skip unreadable images
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -72,7 +73,12 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     torch.manual_seed(cfg.seed)
 
     # Data and model.
-    data = build_data(run.data, run.img_size, seed=cfg.seed)
+    data = build_data(run.data, run.img_size, seed=cfg.seed, bad_images=run.bad_images)
+    if data.skipped:
+        console.print(
+            f"skipped {len(data.skipped)} unreadable images (--bad-images skip), e.g. "
+            f"{data.skipped[0]}"
+        )
     spec = model_spec(run, data, cfg.drop_path)
     model = create_model(spec, run.pretrained, run.checkpoint).to(device)
     sampler_gen = torch.Generator()
