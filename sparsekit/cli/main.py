@@ -8,6 +8,7 @@ from sparsekit.cli import apply as apply_cmd
 from sparsekit.cli import export as export_cmd
 from sparsekit.cli import inspect as inspect_cmd
 from sparsekit.cli import recipe as recipe_cmd
+from sparsekit.cli import report as report_cmd
 
 app = typer.Typer(
     name="sparsekit",
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.command("apply")(apply_cmd.apply)
 app.command("export")(export_cmd.export)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("report")(report_cmd.report)
 app.add_typer(recipe_cmd.app, name="recipe")
 
 

@@ -258,13 +258,20 @@ class HeadPruneGrow(PruneGrowModifier):
             out.append((g.consumer.weight, 1, g.column_index(units)))
         return out
 
-    def _counts(self) -> dict[str, int]:
-        return {
+    def _counts(self) -> dict[str, Any]:
+        """Event fields: units kept by kind, and which heads each block keeps (for reports)."""
+        counts: dict[str, Any] = {
             f"{kind}_kept": sum(
                 int(self.keeps[g.name].sum()) for g in self.groups if g.kind == kind
             )
             for kind in ("heads", "neurons")
         }
+        counts["heads"] = {
+            g.name: self.keeps[g.name].nonzero().flatten().tolist()
+            for g in self.groups
+            if g.kind == "heads"
+        }
+        return counts
 
     # --- reporting and resume --------------------------------------------------------------
     def units_owned(self) -> list[str]:

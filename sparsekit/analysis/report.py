@@ -1,0 +1,182 @@
+"""`sparsekit report`: plots and one self-contained HTML page from run folders alone.
+
+Reads each run's `metrics.jsonl` (per-epoch loss, accuracy and sparsity; prune/grow events with
+the heads each block keeps) and `summary.json`, draws PNGs with matplotlib (Agg, no display
+needed) and writes `index.html` with the images embedded, so the page can be mailed or
+attached as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparsekit.errors import SparsekitError
+
+
+@dataclass
+class RunRecord:
+    name: str
+    epochs: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def read_run(folder: Path) -> RunRecord:
+    """What a run folder says about itself (a finished or an interrupted run).
+
+    Raises:
+        SparsekitError: the folder has no metrics.jsonl.
+    """
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        raise SparsekitError(
+            f"{folder} has no metrics.jsonl: give run folders written by `sparsekit apply`."
+        )
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return RunRecord(
+        folder.name,
+        [r for r in records if r.get("event") == "epoch"],
+        [r for r in records if r.get("event") != "epoch"],
+        summary,
+    )
+
+
+def write_report(folders: list[Path], out: Path) -> list[Path]:
+    """Plots and index.html for `folders` in `out`; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    runs = [read_run(Path(f)) for f in folders]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        images = {"curves.png": _curves(runs), "sparsity.png": _sparsity(runs)}
+        for run in runs:
+            figure = _heads(run)
+            if figure is not None:
+                images[f"heads-{run.name}.png"] = figure
+        for name, figure in images.items():
+            figure.savefig(tmp / name, dpi=110, bbox_inches="tight")
+        (tmp / "index.html").write_text(_page(runs, tmp, list(images)), encoding="utf-8")
+        out.mkdir(exist_ok=True)
+        written = []
+        for name in [*images, "index.html"]:
+            os.replace(tmp / name, out / name)
+            written.append(out / name)
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _curves(runs: list[RunRecord]):
+    import matplotlib.pyplot as plt
+
+    figure, (loss, acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for run in runs:
+        epochs = [e["epoch"] for e in run.epochs]
+        loss.plot(epochs, [e["train_loss"] for e in run.epochs], marker=".", label=run.name)
+        acc.plot(epochs, [e["val_acc"] for e in run.epochs], marker=".", label=run.name)
+    loss.set(title="training loss", xlabel="epoch")
+    acc.set(title="validation accuracy", xlabel="epoch", ylim=(0, 1))
+    acc.legend(fontsize=8)
+    plt.close(figure)
+    return figure
+
+
+def _sparsity(runs: list[RunRecord]):
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for run in runs:
+        axes.plot(
+            [e["epoch"] for e in run.epochs],
+            [e["sparsity"] for e in run.epochs],
+            marker=".",
+            label=run.name,
+        )
+    axes.set(title="sparsity of targeted weights", xlabel="epoch", ylim=(0, 1))
+    axes.legend(fontsize=8)
+    plt.close(figure)
+    return figure
+
+
+def _heads(run: RunRecord):
+    """Which heads are alive in each block, update after update (None without head events)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    snapshots = [e for e in run.events if "heads" in e]
+    if not snapshots:
+        return None
+    blocks = sorted(snapshots[0]["heads"], key=lambda n: int(n.split(".")[1]))
+    width = max(max(h, default=0) for s in snapshots for h in s["heads"].values()) + 1
+    alive = np.zeros((len(blocks) * width, len(snapshots)))
+    for column, snapshot in enumerate(snapshots):
+        for row, block in enumerate(blocks):
+            for head in snapshot["heads"][block]:
+                alive[row * width + head, column] = 1
+    figure, axes = plt.subplots(figsize=(max(4, len(snapshots) * 0.25), 0.18 * len(alive) + 1))
+    axes.imshow(alive, aspect="auto", cmap="Greens", interpolation="nearest", vmin=0, vmax=1)
+    axes.set_yticks([i * width + width / 2 - 0.5 for i in range(len(blocks))], blocks, fontsize=7)
+    axes.set(title=f"{run.name}: alive heads (rows) at each update (columns)", xlabel="update")
+    plt.close(figure)
+    return figure
+
+
+def _page(runs: list[RunRecord], folder: Path, images: list[str]) -> str:
+    rows = []
+    for run in runs:
+        s = run.summary
+        sparsity = s.get("sparsity", {}).get("global_sparsity")
+        units = s.get("units", {})
+        heads = [u for n, u in units.items() if n.endswith(".attn")]
+        kept = (
+            f"{sum(u['kept'] for u in heads)}/{sum(u['total'] for u in heads)}" if heads else "all"
+        )
+        rows.append(
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(v))}</td>"
+                for v in (
+                    run.name,
+                    s.get("model", "?"),
+                    len(run.epochs),
+                    f"{s['val_acc']:.4f}" if "val_acc" in s else "running",
+                    f"{sparsity:.3f}" if sparsity is not None else "-",
+                    kept,
+                )
+            )
+            + "</tr>"
+        )
+    figures = "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode((folder / name).read_bytes()).decode()}"><figcaption>'
+        f"{html.escape(name)}</figcaption></figure>"
+        for name in images
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>sparsekit report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;"
+        "border-bottom:1px solid #ddd}img{max-width:100%}</style></head><body>"
+        "<h1>sparsekit report</h1><table><tr><th>run</th><th>model</th><th>epochs</th>"
+        "<th>val acc</th><th>sparsity</th><th>heads kept</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        + figures
+        + "</body></html>"
+    )
