@@ -49,13 +49,13 @@ def test_report_renders_every_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", *runs, "-o", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
-    assert files == ["curves.png", "heads-sparse.png", "index.html", "sparsity.png"]
+    assert files == ["curves.png", "heads-sparse.png", "index.html", "sparsity.png", "tradeoff.png"]
     page = (tmp_path / "report" / "index.html").read_text()
     for name in ("sparse", "dense"):
         assert re.search(rf"<td>{name}</td>", page)  # every run is listed
     parser = Images()
     parser.feed(page)
-    assert len(parser.sources) == 3
+    assert len(parser.sources) == 4
     for source in parser.sources:  # embedded, decodable, and not blank
         image = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
         pixels = np.asarray(image.convert("L"), dtype=float)

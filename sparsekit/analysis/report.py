@@ -9,6 +9,7 @@ attached as it is.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import os
@@ -27,6 +28,8 @@ class RunRecord:
     epochs: list[dict[str, Any]]
     events: list[dict[str, Any]]
     summary: dict[str, Any]
+    flops: float | None = None  # per image, of the compacted model (export)
+    latency_ms: float | None = None  # batch 1, CPU, median of repeats
 
 
 def read_run(folder: Path) -> RunRecord:
@@ -48,12 +51,43 @@ def read_run(folder: Path) -> RunRecord:
             continue  # a line torn by a crash
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return RunRecord(
+    run = RunRecord(
         folder.name,
         [r for r in records if r.get("event") == "epoch"],
         [r for r in records if r.get("event") != "epoch"],
         summary,
     )
+    # A checkpoint this version cannot rebuild leaves the run plotted without its cost.
+    with contextlib.suppress(SparsekitError):
+        if (folder / "checkpoint.pt").is_file():
+            run.flops, run.latency_ms = _cost(folder)
+    return run
+
+
+def _cost(folder: Path) -> tuple[float, float]:
+    """FLOPs and CPU latency (batch 1) of the run's last checkpoint, compacted in memory as
+    `sparsekit export --compact` would write it."""
+    import statistics
+    import time
+
+    import torch
+
+    from sparsekit.analysis.cost import model_cost
+    from sparsekit.export.writer import baked_model
+    from sparsekit.train.run_folder import open_run
+
+    run = open_run(folder)
+    model = baked_model(run.spec, run.weights, run.masks, run.unit_masks, run.placements)
+    size = run.spec.kwargs.get("img_size", 224)
+    x = torch.randn(1, run.spec.kwargs.get("in_chans", 3), size, size)
+    times = []
+    with torch.inference_mode():
+        for i in range(12):
+            start = time.perf_counter()
+            model(x)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return float(model_cost(model).flops), 1000 * statistics.median(times)
 
 
 def write_report(folders: list[Path], out: Path) -> list[Path]:
@@ -66,6 +100,8 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         images = {"curves.png": _curves(runs), "sparsity.png": _sparsity(runs)}
+        if any(r.flops is not None and r.summary for r in runs):
+            images["tradeoff.png"] = _tradeoff(runs)
         for run in runs:
             figure = _heads(run)
             if figure is not None:
@@ -115,6 +151,23 @@ def _sparsity(runs: list[RunRecord]):
     return figure
 
 
+def _tradeoff(runs: list[RunRecord]):
+    """Accuracy against FLOPs and against measured latency, one point per finished run."""
+    import matplotlib.pyplot as plt
+
+    figure, (by_flops, by_time) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for run in runs:
+        if run.flops is None or "val_acc" not in run.summary:
+            continue
+        for axes, x in ((by_flops, run.flops / 1e6), (by_time, run.latency_ms)):
+            axes.scatter([x], [run.summary["val_acc"]])
+            axes.annotate(run.name, (x, run.summary["val_acc"]), fontsize=8)
+    by_flops.set(title="accuracy vs FLOPs (compacted)", xlabel="MFLOPs per image", ylabel="val acc")
+    by_time.set(title="accuracy vs CPU latency", xlabel="ms per image (batch 1)")
+    plt.close(figure)
+    return figure
+
+
 def _heads(run: RunRecord):
     """Which heads are alive in each block, update after update (None without head events)."""
     import matplotlib.pyplot as plt
@@ -159,6 +212,8 @@ def _page(runs: list[RunRecord], folder: Path, images: list[str]) -> str:
                     f"{s['val_acc']:.4f}" if "val_acc" in s else "running",
                     f"{sparsity:.3f}" if sparsity is not None else "-",
                     kept,
+                    f"{run.flops / 1e6:,.1f}" if run.flops is not None else "-",
+                    f"{run.latency_ms:.2f}" if run.latency_ms is not None else "-",
                 )
             )
             + "</tr>"
@@ -174,9 +229,6 @@ def _page(runs: list[RunRecord], folder: Path, images: list[str]) -> str:
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;"
         "border-bottom:1px solid #ddd}img{max-width:100%}</style></head><body>"
         "<h1>sparsekit report</h1><table><tr><th>run</th><th>model</th><th>epochs</th>"
-        "<th>val acc</th><th>sparsity</th><th>heads kept</th></tr>"
-        + "".join(rows)
-        + "</table>"
-        + figures
-        + "</body></html>"
+        "<th>val acc</th><th>sparsity</th><th>heads kept</th><th>MFLOPs (compacted)</th>"
+        "<th>ms, batch 1, CPU</th></tr>" + "".join(rows) + "</table>" + figures + "</body></html>"
     )

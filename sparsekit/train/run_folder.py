@@ -56,7 +56,14 @@ def open_run(run_dir: Path) -> TrainedRun:
     probe = create_model(spec)
     timeline = Timeline(recipe.training.epochs, int(ckpt["steps_per_epoch"]))
     session = Session(probe, None, compile_recipe(recipe, probe, timeline), timeline)
-    session.load_state_dict(ckpt["session"])
+    try:
+        session.load_state_dict(ckpt["session"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise SparsekitError(
+            f"{files['checkpoint.pt']}: its phase state does not fit the recipe's phases "
+            f"({type(err).__name__}: {err}); it was written by another sparsekit version or "
+            "recipe."
+        ) from None
     return TrainedRun(
         spec=spec,
         recipe=recipe,
