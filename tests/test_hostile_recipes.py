@@ -66,8 +66,14 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+# Derandomized: CI tries the same 450 inputs every run, so a red build always reproduces. Set
+# derandomize=False locally to explore new ones (that is how the PyYAML crash was found).
 SETTINGS = settings(
-    max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150,
+    deadline=2000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
