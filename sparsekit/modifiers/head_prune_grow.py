@@ -190,23 +190,34 @@ class HeadPruneGrow(PruneGrowModifier):
         Under torch.distributed the sums and batch counts of all ranks are added first (one
         all-reduce per update): the mean over ranks of each rank's gradient is the gradient of
         the whole batch, so every rank takes the decision a single process would."""
+        prune_sums, grow_sums, batches, grow_seen = self._run_sums()
+        return {
+            n: torch.where(
+                self.keeps[n],
+                (prune_sums[n] / max(1, batches)).abs(),
+                (grow_sums[n] / max(1, grow_seen)).abs(),
+            )
+            for n in prune_sums
+        }
+
+    def _run_sums(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, int]:
+        """The score sums and batch counts of the whole run, on the CPU: this rank's, plus every
+        other rank's under torch.distributed (one all-reduce, which every rank must join)."""
         names = list(self.prune_sums)
-        device = self.prune_sums[names[0]].device
+        device = self.prune_sums[names[0]].device if names else torch.device("cpu")
         counts = torch.tensor([self.batches, self.grow_seen], dtype=torch.float64, device=device)
-        flat = torch.cat(
-            [*(self.prune_sums[n] for n in names), *(self.grow_sums[n] for n in names), counts]
-        )
+        flat = torch.cat([*self.prune_sums.values(), *self.grow_sums.values(), counts])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat)
         flat = flat.cpu()
-        half = (flat.numel() - 2) // 2
-        prune = (flat[:half] / flat[-2].clamp(min=1)).abs()
-        grow = (flat[half:-2] / flat[-1].clamp(min=1)).abs()
         sizes = [self.prune_sums[n].numel() for n in names]
-        return {
-            n: torch.where(self.keeps[n], p, g)
-            for n, p, g in zip(names, prune.split(sizes), grow.split(sizes), strict=True)
-        }
+        half = sum(sizes)
+        return (
+            dict(zip(names, flat[:half].split(sizes), strict=True)),
+            dict(zip(names, flat[half : 2 * half].split(sizes), strict=True)),
+            int(flat[-2]),
+            int(flat[-1]),
+        )
 
     def _swap(self, groups: list[UnitGroup], scores: dict[str, torch.Tensor], fraction: float):
         """Prune the lowest-scoring kept units of `groups` (never below a group's minimum), then
@@ -283,24 +294,15 @@ class HeadPruneGrow(PruneGrowModifier):
     def state_dict(self) -> dict[str, Any]:
         """Under torch.distributed every rank must call this: the score sums of all ranks are
         added up (the checkpoint holds the run's sums, not one rank's)."""
-        names = list(self.prune_sums)
-        device = self.prune_sums[names[0]].device if names else torch.device("cpu")
-        counts = torch.tensor([self.batches, self.grow_seen], dtype=torch.float64, device=device)
-        flat = torch.cat([*self.prune_sums.values(), *self.grow_sums.values(), counts])
-        if dist.is_available() and dist.is_initialized():
-            flat = flat.clone()
-            dist.all_reduce(flat)
-        flat = flat.cpu()
-        sizes = [self.prune_sums[n].numel() for n in names]
-        half = sum(sizes)
+        prune_sums, grow_sums, batches, grow_seen = self._run_sums()
         return {
             "initialized": self.initialized,
             "updates_done": self.updates_done,
             "keeps": dict(self.keeps),
-            "prune_sums": dict(zip(names, flat[:half].split(sizes), strict=True)),
-            "grow_sums": dict(zip(names, flat[half : 2 * half].split(sizes), strict=True)),
-            "batches": int(flat[-2]),
-            "grow_seen": int(flat[-1]),
+            "prune_sums": prune_sums,
+            "grow_sums": grow_sums,
+            "batches": batches,
+            "grow_seen": grow_seen,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
