@@ -21,3 +21,16 @@ def dst_recipe(**phase) -> dict:
             {"kind": "unstructured_dst", "sparsity": 0.6, "update_every": "2 steps", **phase}
         ],
     }
+
+
+def train_step(session, forward, optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step in the order the session needs; `forward` is the model (or the DDP
+    wrapper around it)."""
+    import torch.nn.functional as F
+
+    session.batch_start()
+    F.cross_entropy(forward(x), y).backward()
+    session.before_optimizer_step()
+    optimizer.step()
+    optimizer.zero_grad()
+    session.after_optimizer_step()

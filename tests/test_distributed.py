@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from helpers import tiny_vit
+from helpers import tiny_vit, train_step
 from torch.nn.parallel import DistributedDataParallel
 
 from sparsekit import Session, Timeline, compile_recipe, load_recipe
@@ -56,12 +55,7 @@ def train(rank: int, world: int) -> dict:
         x = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=data)
         y = torch.randint(0, 10, (GLOBAL_BATCH,), generator=data)
         mine = slice(rank * share, (rank + 1) * share)
-        session.batch_start()
-        F.cross_entropy(wrapped(x[mine]), y[mine]).backward()
-        session.before_optimizer_step()
-        optimizer.step()
-        optimizer.zero_grad()
-        session.after_optimizer_step()
+        train_step(session, wrapped, optimizer, x[mine], y[mine])
         history.append({k: v.clone() for k, v in (session.masks() | session.unit_masks()).items()})
     return {"history": history, "weights": model.state_dict()}
 

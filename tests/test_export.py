@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import train_step
 from rich.console import Console
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -56,12 +56,7 @@ def train_steps(spec: ModelSpec, recipe: dict, steps: int):
     size, chans = spec.kwargs.get("img_size", 32), spec.kwargs.get("in_chans", 3)
     for _ in range(steps):
         x, y = torch.randn(4, chans, size, size), torch.randint(0, 10, (4,))
-        session.batch_start()
-        F.cross_entropy(model(x), y).backward()
-        session.before_optimizer_step()
-        optimizer.step()
-        optimizer.zero_grad()
-        session.after_optimizer_step()
+        train_step(session, model, optimizer, x, y)
     return model.eval(), session
 
 

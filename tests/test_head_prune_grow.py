@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import tiny_vit
+from helpers import tiny_vit, train_step
 
 from sparsekit import Session, load_recipe
 from sparsekit.errors import RecipeError, SparsekitError
@@ -43,12 +42,7 @@ def run(recipe: dict, steps: int, model=None, check=None, weight_decay: float = 
     for _ in range(steps):
         x = torch.randn(8, 3, 32, 32, generator=data)
         y = torch.randint(0, 10, (8,), generator=data)
-        session.batch_start()
-        F.cross_entropy(model(x), y).backward()
-        session.before_optimizer_step()
-        optimizer.step()
-        optimizer.zero_grad()
-        session.after_optimizer_step()
+        train_step(session, model, optimizer, x, y)
         if check:
             check(session, heads, optimizer)
     return model, session, heads, optimizer
@@ -178,12 +172,7 @@ def test_resume_reproduces_masks_and_weights() -> None:
         y = torch.randint(0, 10, (8,), generator=data)
         if step < 5:
             continue
-        session2.batch_start()
-        F.cross_entropy(resumed(x), y).backward()
-        session2.before_optimizer_step()
-        optimizer2.step()
-        optimizer2.zero_grad()
-        session2.after_optimizer_step()
+        train_step(session2, resumed, optimizer2, x, y)
     for name, keep in s_session.unit_masks().items():
         assert torch.equal(session2.unit_masks()[name], keep)
     for (name, a), b in zip(

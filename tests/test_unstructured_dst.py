@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import dst_recipe, tiny_vit
+from helpers import dst_recipe, tiny_vit, train_step
 
 from sparsekit import Session, load_recipe
 from sparsekit.modifiers.schedules import decayed_fraction, is_update_step, next_update
@@ -30,12 +30,7 @@ def run_steps(recipe: dict, steps: int, optimizer_name: str = "adamw", check=Non
     dst = next(m for m in session.modifiers if isinstance(m, UnstructuredDST))
     for _ in range(steps):
         x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-        session.batch_start()
-        F.cross_entropy(model(x), y).backward()
-        session.before_optimizer_step()
-        optimizer.step()
-        optimizer.zero_grad()
-        session.after_optimizer_step()
+        train_step(session, model, optimizer, x, y)
         if check:
             check(session, dst, optimizer)
     return model, session, dst
@@ -221,12 +216,7 @@ def test_masks_reapplied_for_optimizers_that_move_zero_weights() -> None:
     session = Session.from_recipe(load_recipe(dst_recipe()), model, optimizer, steps_per_epoch=4)
     dst = session.modifiers[0]
     for _ in range(5):
-        session.batch_start()
-        F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.randint(0, 10, (4,))).backward()
-        session.before_optimizer_step()
-        optimizer.step()
-        optimizer.zero_grad()
-        session.after_optimizer_step()
+        train_step(session, model, optimizer, torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
         for t in dst.targets:
             assert torch.all(t.weight[~dst.masks()[f"{t.name}.weight"]] == 0)
 
