@@ -49,8 +49,13 @@ def test_killed_writers_leave_whole_files(tmp_path: Path, mode: str) -> None:
     rng = random.Random(mode)
     latest = None  # the newest version any writer finished so far
     torn_seen: set[str] = set()
-    for kill in range(KILLS):
-        first = 1000 * (kill + 1)  # versions grow across writers
+    outcomes = []  # (last version finished, version on disk) per kill, for the failure message
+    kill = 0
+    # At least KILLS kills; more (up to 3x) while none has landed mid-write, since the moment of a
+    # kill is random and a test that never hit a write would prove nothing.
+    while kill < KILLS or (not torn_seen and kill < 3 * KILLS):
+        kill += 1
+        first = 1000 * kill  # versions grow across writers
         finished = kill_while_writing(tmp_path, mode, first, rng)
         if mode == "checkpoint":
             path = tmp_path / "checkpoint.pt"
@@ -58,6 +63,7 @@ def test_killed_writers_leave_whole_files(tmp_path: Path, mode: str) -> None:
             path = tmp_path / "export" / "model.safetensors"
         if not path.exists():
             assert latest is None and finished is None
+            outcomes.append((finished, None))
             continue
         if mode == "checkpoint":
             ckpt = load_checkpoint(path)  # never a torn file
@@ -75,11 +81,12 @@ def test_killed_writers_leave_whole_files(tmp_path: Path, mode: str) -> None:
             allowed.add(latest)
         assert version in allowed, (version, allowed)
         latest = version
+        outcomes.append((finished, version))
         torn = [p.name for p in tmp_path.glob("**/.*.tmp")]
         torn_seen.update(torn)
     # Some kills landed in the middle of a write (their temporary files prove it), and the
     # next write cleaned them up.
-    assert torn_seen, "no kill hit a write; the test proved nothing"
+    assert torn_seen, f"no kill hit a write in {kill} tries; the test proved nothing: {outcomes}"
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:

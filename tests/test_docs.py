@@ -1,4 +1,4 @@
-"""The docs build strictly and their runnable example runs."""
+"""The docs build strictly, document every recipe field, and their runnable examples run."""
 
 from __future__ import annotations
 
@@ -64,3 +64,23 @@ def test_ddp_own_loop_example_runs_under_torchrun() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch 2:") == 1, result.stdout  # rank 0 alone prints
+
+
+def test_every_recipe_field_is_documented() -> None:
+    """Each field of every recipe model, phase kinds included, appears in the recipe reference."""
+    from sparsekit.recipe import schema
+
+    text = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
+    models = [
+        schema.Recipe, schema.Training, schema.Optimizer, schema.Schedule, schema.Targets,
+        schema.TokenPlacement, *schema.PHASES,
+    ]  # fmt: skip
+    missing = [
+        f"{model.__name__}.{field}"
+        for model in models
+        for field in model.model_fields
+        if f"`{field}`" not in text
+    ]
+    assert not missing, f"fields missing from docs/recipes.md: {missing}"
+    for kind in schema.PHASE_KINDS:
+        assert f"### kind: {kind}" in text

@@ -27,7 +27,8 @@ VOCABULARY = [
     "name", "version", "training", "phases", "epochs", "batch_size", "optimizer", "lr",
     "kind", "sparsity", "start", "end", "update_every", "keep_ratio", "placements",
     "head_density", "mlp_density", "targets", "roles", "include", "betas", "compute",
-    "unstructured_dst", "head_prune_grow", "token_select", "dense_warmup", "qkv", "80%",
+    "unstructured_dst", "head_prune_grow", "token_select", "dense_warmup", "magnitude_prune",
+    "qkv", "80%",
 ]  # fmt: skip
 SPECIAL_STRINGS = [
     "1e999 steps", "-5 epochs", "nan%", "1e308", "0x10", "∞", "ñame", "\u202e", "", " ",

@@ -70,6 +70,19 @@ def test_good_recipe_fills_defaults(tmp_path: Path) -> None:
             GOOD.replace("  epochs: 10", "  epochz: 10"),
             ["training.epochz (line 4)", "did you mean 'epochs'"],
         ),
+        # unknown key in a phase: that phase kind's keys are listed, and the closest suggested
+        (
+            GOOD.replace("sparsity: 0.5", "sparsity: 0.5\n    grow_acumulation: 2"),
+            [
+                "phases[0].grow_acumulation (line 8)",
+                "did you mean 'grow_accumulation'",
+                "allowed keys: name, start, end, kind, sparsity, distribution",
+            ],
+        ),  # fmt: skip
+        (
+            GOOD.replace("unstructured_dst", "magnitude_prune") + "    end: 5\n",
+            ["phases[0].end (line 8)", "allowed keys: name, start, kind, sparsity, distribution"],
+        ),
         # wrong type
         (GOOD.replace("epochs: 10", "epochs: ten"), ["training.epochs (line 4)", "integer"]),
         # negative sparsity
@@ -105,7 +118,7 @@ def test_good_recipe_fills_defaults(tmp_path: Path) -> None:
         # two DST phases on the same weights
         (
             GOOD + "  - kind: unstructured_dst\n    sparsity: 0.3\n",
-            ["phases[1].targets.roles", "both unstructured_dst"],
+            ["phases[1].targets.roles", "both make roles"],
         ),
         # sparse phase inside a dense warm-up
         (GOOD + "  - kind: dense_warmup\n    end: 3\n", ["phases[0].start", "dense warm-up"]),

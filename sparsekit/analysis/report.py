@@ -1,7 +1,9 @@
 """`sparsekit report`: plots and one self-contained HTML page from run folders alone.
 
-Reads each run's `metrics.jsonl` (per-epoch loss, accuracy and sparsity; prune/grow events with
-the heads each block keeps) and `summary.json`, draws PNGs with matplotlib (Agg, no display
+Reads each run's `metrics.jsonl` (per-epoch loss, accuracy, global and per-layer sparsity;
+prune/grow events with the heads each block keeps), `summary.json`, and its last checkpoint
+(compacted in memory for FLOPs and latency, and run on the saved validation images for the
+token map), draws PNGs with matplotlib (Agg, no display
 needed) and writes `index.html` with the images embedded, so the page can be mailed or
 attached as it is.
 """
@@ -23,6 +25,16 @@ from sparsekit.errors import SparsekitError
 
 
 @dataclass
+class TokenMap:
+    """Saved validation images and how many token selectors each of their patches passed."""
+
+    images: Any  # (N, C, H, W) tensor, as the model saw them
+    passed: Any  # (N, patches) tensor
+    selectors: int
+    grid: tuple[int, int]
+
+
+@dataclass
 class RunRecord:
     name: str
     epochs: list[dict[str, Any]]
@@ -30,6 +42,7 @@ class RunRecord:
     summary: dict[str, Any]
     flops: float | None = None  # per image, of the compacted model (export)
     latency_ms: float | None = None  # batch 1, CPU, median of repeats
+    token_map: TokenMap | None = None
 
 
 def read_run(folder: Path) -> RunRecord:
@@ -57,29 +70,32 @@ def read_run(folder: Path) -> RunRecord:
         [r for r in records if r.get("event") != "epoch"],
         summary,
     )
-    # A checkpoint this version cannot rebuild leaves the run plotted without its cost.
+    # A checkpoint this version cannot rebuild leaves the run plotted without its cost and map.
     with contextlib.suppress(SparsekitError):
         if (folder / "checkpoint.pt").is_file():
-            run.flops, run.latency_ms = _cost(folder)
+            _measure(run, folder)
     return run
 
 
-def _cost(folder: Path) -> tuple[float, float]:
+def _measure(run: RunRecord, folder: Path) -> None:
     """FLOPs and CPU latency (batch 1) of the run's last checkpoint, compacted in memory as
-    `sparsekit export --compact` would write it."""
+    `sparsekit export --compact` would write it, and its token map on the saved images."""
     import statistics
     import time
 
     import torch
 
     from sparsekit.analysis.cost import model_cost
+    from sparsekit.analysis.token_map import read_samples, selectors_passed
     from sparsekit.export.writer import baked_model
     from sparsekit.train.run_folder import open_run
 
-    run = open_run(folder)
-    model = baked_model(run.spec, run.weights, run.masks, run.unit_masks, run.placements)
-    size = run.spec.kwargs.get("img_size", 224)
-    x = torch.randn(1, run.spec.kwargs.get("in_chans", 3), size, size)
+    trained = open_run(folder)
+    model = baked_model(
+        trained.spec, trained.weights, trained.masks, trained.unit_masks, trained.placements
+    )
+    size = trained.spec.kwargs.get("img_size", 224)
+    x = torch.randn(1, trained.spec.kwargs.get("in_chans", 3), size, size)
     times = []
     with torch.inference_mode():
         for i in range(12):
@@ -87,7 +103,15 @@ def _cost(folder: Path) -> tuple[float, float]:
             model(x)
             if i >= 2:
                 times.append(time.perf_counter() - start)
-    return float(model_cost(model).flops), 1000 * statistics.median(times)
+    run.flops, run.latency_ms = float(model_cost(model).flops), 1000 * statistics.median(times)
+    images = read_samples(folder)
+    if trained.placements and images is not None:
+        run.token_map = TokenMap(
+            images,
+            selectors_passed(model, images),
+            len(trained.placements),
+            tuple(model.patch_embed.grid_size),
+        )
 
 
 def write_report(folders: list[Path], out: Path) -> list[Path]:
@@ -103,9 +127,10 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
         if any(r.flops is not None and r.summary for r in runs):
             images["tradeoff.png"] = _tradeoff(runs)
         for run in runs:
-            figure = _heads(run)
-            if figure is not None:
-                images[f"heads-{run.name}.png"] = figure
+            for kind, draw in (("layers", _layers), ("heads", _heads), ("tokens", _tokens)):
+                figure = draw(run)
+                if figure is not None:
+                    images[f"{kind}-{run.name}.png"] = figure
         for name, figure in images.items():
             figure.savefig(tmp / name, dpi=110, bbox_inches="tight")
         (tmp / "index.html").write_text(_page(runs, tmp, list(images)), encoding="utf-8")
@@ -187,6 +212,71 @@ def _heads(run: RunRecord):
     axes.imshow(alive, aspect="auto", cmap="Greens", interpolation="nearest", vmin=0, vmax=1)
     axes.set_yticks([i * width + width / 2 - 0.5 for i in range(len(blocks))], blocks, fontsize=7)
     axes.set(title=f"{run.name}: alive heads (rows) at each update (columns)", xlabel="update")
+    plt.close(figure)
+    return figure
+
+
+def _layers(run: RunRecord):
+    """Sparsity of each masked layer and each head/neuron group, epoch after epoch (None when
+    the run logs no per-layer sparsity)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    epochs = [e for e in run.epochs if e.get("layer_sparsity")]
+    if not epochs:
+        return None
+    names = list(dict.fromkeys(n for e in epochs for n in e["layer_sparsity"]))
+    values = np.array([[e["layer_sparsity"].get(n, np.nan) for e in epochs] for n in names])
+    figure, axes = plt.subplots(figsize=(max(5, 0.2 * len(epochs) + 3), 0.16 * len(names) + 1.2))
+    shown = axes.imshow(
+        values, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1
+    )
+    axes.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=6)
+    ticks = range(0, len(epochs), max(1, len(epochs) // 10))
+    axes.set_xticks(list(ticks), [str(epochs[i]["epoch"]) for i in ticks], fontsize=7)
+    axes.set(title=f"{run.name}: sparsity per layer", xlabel="epoch")
+    figure.colorbar(shown, ax=axes, label="share pruned")
+    plt.close(figure)
+    return figure
+
+
+def _short(name: str) -> str:
+    """A row label: weights by module, head and neuron groups by what they hold."""
+    if name.endswith(".weight"):
+        return name[: -len(".weight")]
+    return f"{name} ({'heads' if name.endswith('.attn') else 'neurons'})"
+
+
+def _tokens(run: RunRecord):
+    """The saved validation images with the patches each token selector dropped shaded (None
+    without token selection or saved images)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tokens = run.token_map
+    if tokens is None:
+        return None
+    count = len(tokens.images)
+    figure, axes = plt.subplots(1, count, figsize=(1.9 * count, 2.3), squeeze=False)
+    rows, cols = tokens.grid
+    for i, ax in enumerate(axes[0]):
+        image = tokens.images[i].float().numpy().transpose(1, 2, 0)
+        image = (image - image.min()) / max(float(image.max() - image.min()), 1e-8)
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+        # Shade each patch by how early it was dropped: darker = dropped by an earlier selector.
+        dropped = (tokens.selectors - tokens.passed[i].numpy()) / tokens.selectors
+        shade = np.zeros((rows, cols, 4))
+        shade[..., 0] = 0.8
+        shade[..., 3] = 0.75 * dropped.reshape(rows, cols)
+        height, width = image.shape[:2]
+        ax.imshow(shade, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
+        kept = int((tokens.passed[i] == tokens.selectors).sum())
+        ax.set_title(f"kept {kept}/{rows * cols}", fontsize=8)
+        ax.axis("off")
+    shading = (
+        "shaded" if tokens.selectors == 1 else "shaded; darker: dropped by an earlier selector"
+    )
+    figure.suptitle(f"{run.name}: patches the token selectors drop ({shading})", fontsize=9)
     plt.close(figure)
     return figure
 

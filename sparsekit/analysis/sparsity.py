@@ -39,3 +39,14 @@ def global_sparsity(masks: dict[str, torch.Tensor]) -> float:
     """Share of masked weights that are pruned (0 when nothing is masked yet)."""
     total = sum(m.numel() for m in masks.values())
     return 1.0 - sum(int(m.sum()) for m in masks.values()) / total if total else 0.0
+
+
+def layer_sparsity(
+    masks: dict[str, torch.Tensor], unit_masks: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Share pruned in each masked weight (by parameter name) and in each head or neuron group
+    (by module name, e.g. `blocks.3.attn`): what the report plots per layer over time."""
+    out = {}
+    for name, mask in {**masks, **unit_masks}.items():
+        out[name] = round(1.0 - int(mask.sum()) / mask.numel(), 6)
+    return out

@@ -86,6 +86,11 @@ def _settings(phase: Any, timeline: Timeline) -> str:
             f"every {every:,} steps, fraction {phase.update_fraction:g} {phase.fraction_decay}, "
             f"roles {','.join(phase.targets.roles)}"
         )
+    if phase.kind == "magnitude_prune":
+        return (
+            f"sparsity {phase.sparsity:g} ({phase.distribution}), pruned once by magnitude, "
+            f"roles {','.join(phase.targets.roles)}"
+        )
     if phase.kind == "head_prune_grow":
         every = max(1, timeline.steps(phase.update_every))
         mlp = f", MLP {phase.mlp_density:g}" if phase.mlp_density is not None else ""

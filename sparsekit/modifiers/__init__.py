@@ -3,6 +3,7 @@
 from sparsekit.modifiers import (  # noqa: F401  (registration)
     dense_warmup,
     head_prune_grow,
+    magnitude_prune,
     token_select,
     unstructured_dst,
 )

@@ -70,12 +70,7 @@ class UnstructuredDST(PruneGrowModifier):
     def before_optimizer_step(self, session: Session) -> None:
         if not self.initialized:
             return
-        upcoming = next_update(session.step + 1, self.start_step, self.end_step, self.update_every)
-        accumulate = (
-            self.config.grow == "gradient"
-            and upcoming is not None
-            and upcoming - (session.step + 1) < self.config.grow_accumulation
-        )
+        accumulate = self._accumulating(session.step)
         for t in self.targets:
             grad = t.weight.grad
             if grad is None:
@@ -84,6 +79,13 @@ class UnstructuredDST(PruneGrowModifier):
                 acc = self._grad_sum.get(t.name)
                 self._grad_sum[t.name] = grad.detach().clone() if acc is None else acc.add_(grad)
             grad.mul_(self._keep[t.name])
+
+    def _accumulating(self, step: int) -> bool:
+        """Whether step `step`'s dense gradients go into the grow score of the next update."""
+        if self.config.grow != "gradient":
+            return False
+        upcoming = next_update(step + 1, self.start_step, self.end_step, self.update_every)
+        return upcoming is not None and upcoming - (step + 1) < self.config.grow_accumulation
 
     def after_optimizer_step(self, session: Session) -> None:
         if self.initialized and type(session.optimizer) not in _ZERO_PRESERVING:
@@ -94,15 +96,15 @@ class UnstructuredDST(PruneGrowModifier):
     def initialize(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(self.seed)
         for t, budget in zip(self.targets, self.budgets, strict=True):
-            w = t.weight
-            if self.config.init == "magnitude":
-                scores = w.detach().abs()
-            else:
-                scores = random_scores(w.shape, generator).to(w.device)
-            self._set_mask(t.name, topk_mask(scores, budget))
+            self._set_mask(t.name, topk_mask(self._initial_scores(t.weight, generator), budget))
         self._apply_masks()
         self._zero_optimizer_state(optimizer)
         return {}
+
+    def _initial_scores(self, w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.config.init == "magnitude":
+            return w.detach().abs()
+        return random_scores(w.shape, generator).to(w.device)
 
     @torch.no_grad()
     def prune_and_grow(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from sparsekit.recipe.schema import (
     DenseWarmupPhase,
     HeadPruneGrowPhase,
+    MagnitudePrunePhase,
     Recipe,
     TokenSelectPhase,
     UnstructuredDSTPhase,
@@ -18,7 +19,9 @@ from sparsekit.recipe.span import Span
 
 Problem = tuple[tuple[str | int, ...], str]
 _SCHEDULED = (UnstructuredDSTPhase, HeadPruneGrowPhase)  # kinds with update_every
-_SPARSE = (*_SCHEDULED, TokenSelectPhase)  # kinds whose sparsity lasts until the run ends
+# Kinds whose sparsity lasts until the run ends, and the kinds among them that mask weights.
+_SPARSE = (*_SCHEDULED, MagnitudePrunePhase, TokenSelectPhase)
+_WEIGHT_MASKING = (UnstructuredDSTPhase, MagnitudePrunePhase)
 _AT_MOST_ONCE = {
     "head_prune_grow": "they would gate the same heads at once. Keep one (it may set both "
     "head_density and mlp_density)",
@@ -44,6 +47,8 @@ def _check_windows(recipe: Recipe) -> list[Problem]:
     problems: list[Problem] = []
     for i, phase in enumerate(recipe.phases):
         for field in ("start", "end"):
+            if field not in type(phase).model_fields:
+                continue  # magnitude_prune has no end
             span: Span = getattr(phase, field)
             value = span.in_epochs(epochs)
             if value is not None and value > epochs + 1e-9:
@@ -58,6 +63,11 @@ def _check_windows(recipe: Recipe) -> list[Problem]:
         if pair is not None and pair[1] <= pair[0]:
             problems.append(
                 (("phases", i, "end"), f"end ({phase.end}) must come after start ({phase.start})")
+                if "end" in type(phase).model_fields
+                else (
+                    ("phases", i, "start"),
+                    f"start ({phase.start}) must come before the run ends",
+                )
             )
         if isinstance(phase, _SCHEDULED) and phase.update_every.value == 0:
             problems.append((("phases", i, "update_every"), "update_every must be greater than 0"))
@@ -65,11 +75,11 @@ def _check_windows(recipe: Recipe) -> list[Problem]:
 
 
 def _check_overlaps(recipe: Recipe) -> list[Problem]:
-    """Dense warm-up must precede sparsity; two DST phases must not own the same weights, and
-    two head phases would gate the same blocks."""
+    """Dense warm-up must precede sparsity; two weight-masking phases must not own the same
+    weights, and two head phases would gate the same blocks."""
     epochs = recipe.training.epochs
     problems: list[Problem] = []
-    dst = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, UnstructuredDSTPhase)]
+    dst = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, _WEIGHT_MASKING)]
     for kind, what in _AT_MOST_ONCE.items():
         same = [i for i, p in enumerate(recipe.phases) if p.kind == kind]
         problems += [
@@ -100,9 +110,10 @@ def _check_overlaps(recipe: Recipe) -> list[Problem]:
                 problems.append(
                     (
                         ("phases", j, "targets", "roles"),
-                        f"phases[{i}] and phases[{j}] are both unstructured_dst on roles {shared}; "
-                        "masks last until the run ends, so they would act on the same weights at "
-                        "once: merge them, or split the weights with targets.include/exclude",
+                        f"phases[{i}] ({p.kind}) and phases[{j}] ({q.kind}) both make roles "
+                        f"{shared} sparse; masks last until the run ends, so they would act on "
+                        "the same weights at once: merge them, or split the weights with "
+                        "targets.include/exclude",
                     )
                 )
     return problems

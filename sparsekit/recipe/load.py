@@ -298,11 +298,16 @@ def _allowed_keys(loc: Loc, data: dict) -> list[str]:
     """Field names of the recipe model found at `loc` (following phase kinds)."""
     model: Any = Recipe
     node: Any = data
-    for part in loc:
+    for position, part in enumerate(loc):
         node = node[part] if isinstance(node, (dict, list)) else None
         if isinstance(part, int):
             continue
-        model = _field_model(model, part, node)
+        # A list field (phases) holds a union: pick the member by the kind of the item at loc.
+        item = node
+        following = loc[position + 1] if position + 1 < len(loc) else None
+        if isinstance(node, list) and isinstance(following, int) and following < len(node):
+            item = node[following]
+        model = _field_model(model, part, item)
         if model is None:
             return []
     return list(model.model_fields) if model is not None else []

@@ -79,9 +79,16 @@ class Targets(_Strict):
     exclude: list[str] = Field([], description="Drop modules matching one of these globs.")
 
 
-class _Phase(_Strict):
+class _Moment(_Strict):
+    """What every phase has: a label and a start."""
+
     name: str | None = Field(None, description="Optional label shown in progress and tables.")
     start: Span = Field(Span(0, "epochs"), description="When the phase begins.")
+
+
+class _Phase(_Moment):
+    """A phase that acts over a window."""
+
     end: Span = Field(Span(1.0, "fraction"), description="When the phase ends.")
 
 
@@ -119,6 +126,26 @@ class UnstructuredDSTPhase(_Phase):
     )
     fraction_decay: Literal["cosine", "linear", "constant"] = "cosine"
     targets: Targets = Targets()
+
+
+class MagnitudePrunePhase(_Moment):
+    """One-shot magnitude pruning, the baseline dynamic sparse training is measured against.
+
+    At `start` (usually after a dense warm-up) each layer keeps its budget of largest |w|; the
+    mask then stays fixed until the run ends, so the rest of the run fine-tunes the pruned
+    network. There is no `end`: nothing changes after the one pruning step.
+    """
+
+    kind: Literal["magnitude_prune"]
+    start: Span = Field(Span(0, "epochs"), description="When the weights are pruned.")
+    sparsity: float = Field(gt=0, lt=1, description="Share of target weights that are zero.")
+    distribution: Literal["erk", "uniform"] = "erk"
+    targets: Targets = Targets()
+
+    @property
+    def end(self) -> Span:
+        """The mask lasts until the run ends."""
+        return Span(1.0, "fraction")
 
 
 class HeadPruneGrowPhase(_Phase):
@@ -206,7 +233,13 @@ class TokenSelectPhase(_Phase):
         return sorted(self.placements, key=lambda p: p.before_block)
 
 
-PHASES = (DenseWarmupPhase, UnstructuredDSTPhase, HeadPruneGrowPhase, TokenSelectPhase)
+PHASES = (
+    DenseWarmupPhase,
+    UnstructuredDSTPhase,
+    MagnitudePrunePhase,
+    HeadPruneGrowPhase,
+    TokenSelectPhase,
+)
 Phase = Annotated[Union[PHASES], Field(discriminator="kind")]  # noqa: UP007 (built from a tuple)
 PHASE_KINDS: tuple[str, ...] = tuple(p.model_fields["kind"].annotation.__args__[0] for p in PHASES)
 

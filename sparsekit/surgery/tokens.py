@@ -70,6 +70,7 @@ class TokenSelection:
         self.temperature = 1.0
         self.enabled = True
         self.gather_in_training = False  # training on the active sub-network gathers too
+        self.trace: list[torch.Tensor] | None = None  # a list: eval selections are appended
         if not hasattr(model, "token_selectors"):
             dim = model.embed_dim
             model.token_selectors = nn.ModuleDict(
@@ -156,6 +157,8 @@ class TokenSelection:
         prefix, patches = x[:, : self.prefix], x[:, self.prefix :]
         k = kept_count(patches.shape[1], ratio)
         index = scorer(patches).topk(k, dim=1).indices.sort(dim=1).values
+        if self.trace is not None:
+            self.trace.append(index)
         kept = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return torch.cat([prefix, kept], dim=1)
 

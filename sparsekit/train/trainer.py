@@ -1,8 +1,10 @@
 """The built-in trainer: one readable loop that a recipe's session drives.
 
 The run folder holds `recipe.yaml` (the resolved recipe), `run.json` (model and data),
-`checkpoint.pt` (last epoch), `metrics.jsonl` (one line per epoch and per prune/grow update) and
-`summary.json` (final accuracy, sparsity and parameter counts).
+`checkpoint.pt` (last epoch), `metrics.jsonl` (one line per epoch, with per-layer sparsity, and
+per prune/grow update), `summary.json` (final accuracy, sparsity and parameter counts) and, when
+the recipe selects tokens, `val_samples.safetensors` (a few validation images for the report's
+token map).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from sparsekit.analysis.sparsity import global_sparsity, sparsity_report
+from sparsekit.analysis.sparsity import global_sparsity, layer_sparsity, sparsity_report
+from sparsekit.analysis.token_map import save_samples
 from sparsekit.atomic import write_text_atomic
 from sparsekit.compiler import compile_recipe
 from sparsekit.errors import SparsekitError
@@ -141,6 +144,8 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
         write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
         write_text_atomic(out / "run.json", json.dumps(_run_record(spec, run, data.name), indent=2))
         (out / "metrics.jsonl").write_text("")
+        if any(m.kind == "token_select" for m in modifiers):  # for the report's token map
+            save_samples(out, data.val)
     last_epoch = min(cfg.epochs, run.stop_after_epoch or cfg.epochs)
 
     started = time.perf_counter() - elapsed
@@ -232,6 +237,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
                 "val_acc": val_acc,
                 "lr": scheduler.get_last_lr()[0],
                 "sparsity": global_sparsity(session.masks()),
+                "layer_sparsity": layer_sparsity(session.masks(), session.unit_masks()),
                 "train_time_s": train_time,
                 "steps_in_epoch": len(loader),
                 "time_s": time.perf_counter() - started,
