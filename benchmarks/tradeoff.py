@@ -81,15 +81,27 @@ def recipe_for(method: str, epochs: int, seed: int) -> dict:
     }
 
 
+class SweepError(Exception):
+    """A run folder in --out that this sweep cannot reuse."""
+
+
 def train_one(method: str, seed: int, epochs: int, folder: Path) -> str:
     """One run in a worker process (one thread: two small runs side by side beat one run on
     two threads at this size)."""
     from rich.console import Console
 
     from sparsekit import load_recipe
+    from sparsekit.recipe import dump_recipe
     from sparsekit.train.trainer import RunConfig, train
 
     torch.set_num_threads(1)
+    recipe = load_recipe(recipe_for(method, epochs, seed))
+    saved = folder / "recipe.yaml"
+    if saved.is_file() and saved.read_text(encoding="utf-8") != dump_recipe(recipe):
+        raise SweepError(
+            f"{folder} holds a run of another configuration (other --epochs, or an edited "
+            "method); give a new --out, or delete that folder to train it again."
+        )
     if (folder / "summary.json").is_file():
         return f"{folder.name}: done before"
     config = RunConfig(
@@ -101,7 +113,7 @@ def train_one(method: str, seed: int, epochs: int, folder: Path) -> str:
         resume=(folder / "checkpoint.pt").is_file(),
     )
     started = time.perf_counter()
-    summary = train(load_recipe(recipe_for(method, epochs, seed)), config, Console(quiet=True))
+    summary = train(recipe, config, Console(quiet=True))
     return (
         f"{folder.name}: val acc {summary['val_acc']:.4f} in {time.perf_counter() - started:.0f} s"
     )
@@ -153,8 +165,12 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         futures = [pool.submit(train_one, m, s, args.epochs, folder) for m, s, folder in jobs]
-        for future in futures:
-            print(future.result(), flush=True)
+        try:
+            for future in futures:
+                print(future.result(), flush=True)
+        except SweepError as err:
+            pool.shutdown(cancel_futures=True)
+            parser.exit(2, f"error: {err}\n")
     train_minutes = (time.perf_counter() - started) / 60
 
     # 2. Export each run compacted, load the file back, score it, count its cost.
