@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import multiprocessing
 import random
 import statistics
@@ -119,13 +120,20 @@ def train_one(method: str, seed: int, epochs: int, folder: Path) -> str:
     )
 
 
-@torch.inference_mode()
-def accuracy(model: torch.nn.Module, seed: int) -> float:
+@functools.cache
+def validation_set(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation images and labels of a seed's split, built once for all its exports."""
     from sparsekit.train.data import build_data
 
     val = build_data("digits", IMG_SIZE, seed=seed).val
     images = torch.stack([val[i][0] for i in range(len(val))])
     labels = torch.stack([val[i][1] for i in range(len(val))])
+    return images, labels
+
+
+@torch.inference_mode()
+def accuracy(model: torch.nn.Module, seed: int) -> float:
+    images, labels = validation_set(seed)
     return float((model(images).argmax(1) == labels).float().mean())
 
 
