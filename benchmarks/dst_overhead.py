@@ -33,7 +33,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def dst_only(recipe: Recipe) -> Recipe:
-    """The recipe with its unstructured_dst phases alone (svite_small also selects tokens)."""
+    """The recipe with its unstructured_dst phases alone (svite_plus_small also selects tokens)."""
     return recipe.model_copy(
         update={"phases": [p for p in recipe.phases if p.kind == "unstructured_dst"]}
     )

@@ -8,7 +8,8 @@ Call the events in this order around each optimizer step::
     optimizer.step()
     session.after_optimizer_step()
 
-and `session.epoch_end()` after each epoch, `session.finalize()` at the end.
+(or `session.skip_step()` instead of the last three when a step is skipped, e.g. on a
+non-finite loss), and `session.epoch_end()` after each epoch, `session.finalize()` at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from sparsekit.errors import SparsekitError
 from sparsekit.modifiers import Modifier
 from sparsekit.recipe.schema import Recipe
+from sparsekit.surgery.optimizer_state import OptimizerRestarts
 from sparsekit.timeline import Timeline
 
 
@@ -39,6 +41,8 @@ class Session:
         self.optimizer = optimizer
         self.modifiers = modifiers
         self.timeline = timeline
+        # Optimizer state of the positions masks switch: zeroed when pruned, fresh when grown.
+        self.restarts = OptimizerRestarts(optimizer)
         self.step = 0  # optimizer steps completed before the current one
         self.epoch = 0
         self.events: list[dict[str, Any]] = []  # prune/grow updates, drained by the caller
@@ -65,8 +69,10 @@ class Session:
     def before_optimizer_step(self) -> None:
         for m in self.modifiers:
             m.before_optimizer_step(self)
+        self.restarts.before_step()
 
     def after_optimizer_step(self) -> None:
+        self.restarts.after_step()  # first: the modifiers then restore their invariants
         for m in self.modifiers:
             m.after_optimizer_step(self)
         seen = len(self.events)
@@ -74,6 +80,13 @@ class Session:
             m.on_update(self)
         if len(self.events) != seen and dist.is_available() and dist.is_initialized():
             check_ranks_agree(self.masks() | self.unit_masks(), self.step)
+        self.step += 1
+
+    def skip_step(self) -> None:
+        """This step took no optimizer step (its loss was not finite): the phases see it pass,
+        and a prune/grow update due now waits for the next step that trains."""
+        for m in self.modifiers:
+            m.on_skipped_step(self)
         self.step += 1
 
     def epoch_end(self) -> None:
@@ -118,6 +131,7 @@ class Session:
             "step": self.step,
             "epoch": self.epoch,
             "modifiers": [{"kind": m.kind, "state": m.state_dict()} for m in self.modifiers],
+            "restarts": self.restarts.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -129,6 +143,7 @@ class Session:
         self.epoch = int(state["epoch"])
         for m, s in zip(self.modifiers, state["modifiers"], strict=True):
             m.load_state_dict(s["state"])
+        self.restarts.load_state_dict(state["restarts"])
 
 
 def check_ranks_agree(masks: dict[str, torch.Tensor], step: int) -> None:

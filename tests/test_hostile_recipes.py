@@ -19,7 +19,7 @@ from sparsekit.recipe import Recipe, load_recipe
 from sparsekit.recipe.load import MAX_BYTES
 
 ROOT = Path(__file__).parents[1]
-GOOD_TEXT = (ROOT / "recipes" / "svite_small.yaml").read_text()
+GOOD_TEXT = (ROOT / "recipes" / "svite_plus_small.yaml").read_text()
 GOOD = yaml.safe_load(GOOD_TEXT)
 TRIED: Counter = Counter()  # reported at the end of the test session (see conftest.py)
 
@@ -27,6 +27,7 @@ VOCABULARY = [
     "name", "version", "training", "phases", "epochs", "batch_size", "optimizer", "lr",
     "kind", "sparsity", "start", "end", "update_every", "keep_ratio", "placements",
     "head_density", "mlp_density", "targets", "roles", "include", "betas", "compute",
+    "heads", "mlp_neurons", "fraction_decay", "reference", "temperature_decay", "linear",
     "unstructured_dst", "head_prune_grow", "token_select", "dense_warmup", "magnitude_prune",
     "qkv", "80%",
 ]  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 from sparsekit.errors import RecipeError
 from sparsekit.recipe import Recipe, Span, load_recipe
 
-RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").rglob("*.yaml"))  # paper/ too
 
 GOOD = """\
 version: 1
@@ -45,13 +45,36 @@ def test_shipped_recipes_validate(path: Path) -> None:
 
 def test_svite_recipes_carry_paper_settings() -> None:
     by_name = {p.stem: load_recipe(p) for p in RECIPES}
-    for name, sparsity in (("svite_tiny", 0.5), ("svite_small", 0.5), ("svite_base", 0.4)):
+    for name, sparsity in (
+        ("svite_tiny", 0.5),
+        ("svite_small", 0.5),
+        ("svite_base", 0.4),
+        ("svite_plus_small", 0.5),
+        ("svite_plus_small_10", 0.5),
+        ("svite_small_sp50", 0.5),
+        ("svite_small_sp60", 0.6),
+        ("svite_base_sp40", 0.4),
+    ):
         dst = by_name[name].phases[0]
         assert dst.kind == "unstructured_dst" and dst.sparsity == sparsity
         assert (dst.distribution, dst.grow, dst.prune) == ("erk", "gradient", "magnitude")
-        assert dst.update_fraction == 0.5 and dst.fraction_decay == "cosine"
+        assert dst.update_fraction == 0.5 and dst.fraction_decay == "reference"
         assert dst.end == Span(0.8, "fraction")
+        assert set(dst.targets.roles) == {"qkv", "proj", "fc1", "fc2", "patch_embed", "head"}
         assert by_name[name].training.epochs == 600
+    for name, keep in (("svite_plus_small", 0.95), ("svite_plus_small_10", 0.90)):
+        tokens = by_name[name].phases[1]
+        assert tokens.kind == "token_select" and tokens.keep_ratio == keep
+        assert tokens.temperature_decay == "linear"
+    for name, heads, mlp in (
+        ("s2vite_small", 0.5, 0.5),
+        ("s2vite_tiny_att70_mlp70", 0.7, 0.7),
+        ("s2vite_small_att50_mlp50", 0.5, 0.5),
+        ("s2vite_base_att70_mlp60", 0.7, 0.6),
+    ):
+        phase = by_name[name].phases[0]
+        assert (phase.head_density, phase.mlp_density) == (heads, mlp)
+        assert phase.fraction_decay == "reference" and phase.end == Span(0.8, "fraction")
 
 
 def test_good_recipe_fills_defaults(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import sparsekit
+from sparsekit.surgery.global_noise import GlobalBatchNoise
 
 # 1. Join the process group torchrun describes (gloo on CPU, nccl on GPUs).
 cuda = torch.cuda.is_available()
@@ -19,7 +20,8 @@ dist.init_process_group("nccl" if cuda else "gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
 
-# 2. Same seed on every rank: same model, same masks, same token-selector noise.
+# 2. Same seed on every rank: same model, same masks, and (below) the same random numbers for
+#    the whole global batch, of which each rank keeps its own rows.
 torch.manual_seed(0)
 recipe = sparsekit.load_recipe(
     {
@@ -33,8 +35,15 @@ recipe = sparsekit.load_recipe(
     }
 )
 model = timm.create_model(
-    "deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10
+    "deit_tiny_patch16_224",
+    pretrained=False,
+    img_size=32,
+    patch_size=8,
+    depth=2,
+    num_classes=10,
+    drop_path_rate=0.1,
 ).to(device)
+GlobalBatchNoise(model)  # stochastic depth drawn for the global batch, as one process draws it
 
 # 3. Compile on the model itself (not the DDP wrapper), then build the optimizer: the token
 #    selector adds parameters. Modifiers change the model's own weights in place, and the

@@ -59,6 +59,9 @@ class Modifier:
         """After every modifier's `after_optimizer_step`: the moment for prune/grow decisions,
         so no modifier's update is undone by another's restoring its invariants."""
 
+    def on_skipped_step(self, session: Session) -> None:
+        """Instead of the three events above, on a step that took no optimizer step."""
+
     def on_epoch_end(self, session: Session) -> None:
         """After the last batch of an epoch."""
 

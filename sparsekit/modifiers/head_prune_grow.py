@@ -5,9 +5,14 @@ Unlike the reference implementation:
   `fc2`, so its biases cannot leak), and the masked model equals the compacted export;
 - growth explores: an inactive unit keeps its weights and still computes its output, so the
   gradient at its gate says what turning it on would gain, even for a unit never active before;
+- units are scored as the reference scores heads, by first-order Taylor importance per sample
+  (|sum of dL/dO x O| over the unit's output O), averaged over the samples of every batch
+  since the last update (the reference looks at the last batch only); growth scores every
+  unit that is not kept (just-pruned ones included) by the same estimator, over the last
+  `grow_batches` batches before the update;
 - inactive units are frozen: their gradients are exactly 0, and their weights are restored after
   each optimizer step, so weight decay does not erode them either; their optimizer state is
-  zeroed when they are pruned and when they are grown.
+  zeroed when they are pruned, and restarted as a fresh optimizer's when they are grown.
 """
 
 from __future__ import annotations
@@ -22,13 +27,13 @@ from torch import nn
 from sparsekit.errors import RecipeError
 from sparsekit.modifiers.prune_grow import PruneGrowModifier
 from sparsekit.modifiers.registry import register
-from sparsekit.modifiers.schedules import next_update
 from sparsekit.recipe.schema import HeadPruneGrowPhase
 from sparsekit.surgery.active import ActiveForward
 from sparsekit.surgery.units import UnitGate, UnitGroup, head_groups, neuron_groups
 
 if TYPE_CHECKING:
     from sparsekit.session import Session
+    from sparsekit.surgery.optimizer_state import OptimizerRestarts
 
 # A slice of a parameter that belongs to some units: (tensor, dim, index).
 Slice = tuple[torch.Tensor, int, torch.Tensor]
@@ -50,19 +55,23 @@ class HeadPruneGrow(PruneGrowModifier):
         groups: list[UnitGroup],
         update_every: int,
         seed: int,
+        total_steps: int | None = None,
     ):
-        super().__init__(config, model, start_step, end_step, groups, update_every, seed)
+        super().__init__(
+            config, model, start_step, end_step, groups, update_every, seed, total_steps
+        )
         self.groups = groups
         self.minimum = {g.name: self._minimum(g) for g in groups}
         self.budgets = {g.name: self._budget(g) for g in groups}
         self.keeps: dict[str, torch.Tensor] = {}
-        # Sums of dL/dgate since the last update: over every batch (the prune score of active
-        # units) and over the full-size batches just before it (the grow score of inactive ones).
-        # Signed sums: the score is |mean gradient|, so summing ranks at the update is exact.
+        # Per unit, sums over samples of |dl_b/dgate| since the last update: over every batch
+        # (the prune score of kept units) and over the full-size batches just before it (the
+        # grow score of every unit not kept), with their sample counts. Sums of absolute values
+        # and counts add up exactly across ranks at the update.
         self.prune_sums: dict[str, torch.Tensor] = {}
         self.grow_sums: dict[str, torch.Tensor] = {}
-        self.batches = 0
-        self.grow_seen = 0
+        self.prune_samples = 0
+        self.grow_samples = 0
         self._gates: dict[str, UnitGate] = {}
         self._active = ActiveForward(groups, self._gates)
         self._grow_batch = False  # this step's batch scores growth (and so runs full size)
@@ -72,7 +81,7 @@ class HeadPruneGrow(PruneGrowModifier):
     @classmethod
     def find(cls, config: HeadPruneGrowPhase, model: nn.Module) -> list[UnitGroup]:
         groups = head_groups(model)
-        if config.mlp_density is not None:
+        if config.prunes_neurons:
             groups += neuron_groups(model)
         heads = min(g.units for g in groups if g.kind == "heads")
         if config.min_heads > heads:
@@ -86,21 +95,17 @@ class HeadPruneGrow(PruneGrowModifier):
         return self.config.min_heads if group.kind == "heads" else 1
 
     def _budget(self, group: UnitGroup) -> int:
-        density = self.config.head_density if group.kind == "heads" else self.config.mlp_density
-        return min(group.units, max(self._minimum(group), round(density * group.units)))
+        return self.config.kept_units(group.kind, group.units)
 
     # --- lifecycle -------------------------------------------------------------------------
     def on_batch_start(self, session: Session) -> None:
         super().on_batch_start(session)
         if not self.initialized:
             return
-        upcoming = next_update(session.step + 1, self.start_step, self.end_step, self.update_every)
         # Growth is scored on the last `grow_batches` batches before each update, from the gate
         # gradients of inactive units, which only a full-size step has: those steps run full
         # size, the others (with compute: active) on the kept units only.
-        self._grow_batch = (
-            upcoming is not None and upcoming - (session.step + 1) < self.config.grow_batches
-        )
+        self._grow_batch = self.update_soon(session.step, self.config.grow_batches)
         if self.compute == "masked" or self._grow_batch:
             self._active.disable()
         else:
@@ -109,19 +114,22 @@ class HeadPruneGrow(PruneGrowModifier):
     def before_optimizer_step(self, session: Session) -> None:
         if not self.initialized:
             return
-        scoring = session.step + 1 < self.end_step  # updates are still to come
+        # Updates are still to come (a deferred one included).
+        scoring = session.step + 1 < self.end_step or self.deferred is not None
         grow = scoring and self._grow_batch
+        samples = 0
         for name, gate in self._gates.items():
-            grad = gate.take_grad()
-            if grad is None or not scoring:
+            score, samples = gate.take()
+            if not samples or not scoring:
                 continue
             # A step whose fp16 gradients overflowed carries no ranking: count it as 0.
-            grad = grad.nan_to_num_(0.0, posinf=0.0, neginf=0.0).to(torch.float64)
-            self.prune_sums[name] += grad
+            score = score.nan_to_num_(0.0, posinf=0.0, neginf=0.0)
+            self.prune_sums[name] += score
             if grow:
-                self.grow_sums[name] += grad
-        self.batches += scoring
-        self.grow_seen += grow
+                self.grow_sums[name] += score
+        if scoring:  # every gate saw the same batch
+            self.prune_samples += samples
+            self.grow_samples += samples if grow else 0
         if _may_move_frozen(session.optimizer):
             with torch.no_grad():
                 self._snapshot = [t.index_select(dim, index) for t, dim, index in self._frozen]
@@ -135,7 +143,7 @@ class HeadPruneGrow(PruneGrowModifier):
 
     # --- masks -----------------------------------------------------------------------------
     @torch.no_grad()
-    def initialize(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def initialize(self, restarts: OptimizerRestarts | None) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(self.seed)
         for g in self.groups:
             if self.config.init == "magnitude":
@@ -147,27 +155,33 @@ class HeadPruneGrow(PruneGrowModifier):
             self.keeps[g.name] = keep
         self._reset_scores()
         self._install()
-        _zero_state(optimizer, self._slices({n: ~k for n, k in self.keeps.items()}))
+        if restarts is not None:
+            for t, where in _positions(self._slices({n: ~k for n, k in self.keeps.items()})):
+                restarts.zero(t, where)
         return self._counts()
 
     @torch.no_grad()
-    def prune_and_grow(
-        self, fraction: float, optimizer: torch.optim.Optimizer | None
-    ) -> dict[str, Any]:
-        scores = self._mean_scores()
+    def prune_and_grow(self, fraction: float, restarts: OptimizerRestarts | None) -> dict[str, Any]:
+        prune_score, grow_score = self._mean_scores()
         old = {n: k.clone() for n, k in self.keeps.items()}
         for kind in ("heads", "neurons"):
             groups = [g for g in self.groups if g.kind == kind]
             if not groups:
                 continue
             if self.config.budget == "global":
-                self._swap(groups, scores, fraction)
+                self._swap(groups, prune_score, grow_score, fraction)
             else:
                 for g in groups:
-                    self._swap([g], scores, fraction)
+                    self._swap([g], prune_score, grow_score, fraction)
         changed = {n: old[n] ^ self.keeps[n] for n in self.keeps}
         self._install()
-        _zero_state(optimizer, self._slices(changed))
+        if restarts is not None:
+            pruned = {n: changed[n] & old[n] for n in changed}
+            grown = {n: changed[n] & self.keeps[n] for n in changed}
+            for t, where in _positions(self._slices(pruned)):
+                restarts.zero(t, where)
+            for t, where in _positions(self._slices(grown)):
+                restarts.restart(t, where)
         self._reset_scores()
         swapped = {
             kind: sum(int(changed[g.name].sum()) // 2 for g in self.groups if g.kind == kind)
@@ -182,30 +196,29 @@ class HeadPruneGrow(PruneGrowModifier):
     def _reset_scores(self) -> None:
         self.prune_sums = {g.name: _zeros_beside(g) for g in self.groups}
         self.grow_sums = {g.name: _zeros_beside(g) for g in self.groups}
-        self.batches = self.grow_seen = 0
+        self.prune_samples = self.grow_samples = 0
 
-    def _mean_scores(self) -> dict[str, torch.Tensor]:
-        """Per unit: the prune score (|mean gate gradient| over the batches since the last
-        update) if it is active, the grow score (the same over the full-size batches) if not.
-        Under torch.distributed the sums and batch counts of all ranks are added first (one
-        all-reduce per update): the mean over ranks of each rank's gradient is the gradient of
-        the whole batch, so every rank takes the decision a single process would."""
-        prune_sums, grow_sums, batches, grow_seen = self._run_sums()
-        return {
-            n: torch.where(
-                self.keeps[n],
-                (prune_sums[n] / max(1, batches)).abs(),
-                (grow_sums[n] / max(1, grow_seen)).abs(),
-            )
-            for n in prune_sums
-        }
+    def _mean_scores(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per unit, the prune score (mean over the samples since the last update of the
+        per-sample Taylor importance |dl_b/dg|) and the grow score (the same mean over the
+        samples of the grow window). Under torch.distributed the sums and sample counts of all
+        ranks are added first (one all-reduce per update), so every rank takes the decision a
+        single process would take on the same global batches."""
+        prune_sums, grow_sums, prune_samples, grow_samples = self._run_sums()
+        return (
+            {n: s / max(1, prune_samples) for n, s in prune_sums.items()},
+            {n: s / max(1, grow_samples) for n, s in grow_sums.items()},
+        )
 
     def _run_sums(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int, int]:
-        """The score sums and batch counts of the whole run, on the CPU: this rank's, plus every
-        other rank's under torch.distributed (one all-reduce, which every rank must join)."""
+        """The score sums and sample counts of the whole run, on the CPU: this rank's, plus
+        every other rank's under torch.distributed (one all-reduce, which every rank must
+        join)."""
         names = list(self.prune_sums)
         device = self.prune_sums[names[0]].device if names else torch.device("cpu")
-        counts = torch.tensor([self.batches, self.grow_seen], dtype=torch.float64, device=device)
+        counts = torch.tensor(
+            [self.prune_samples, self.grow_samples], dtype=torch.float64, device=device
+        )
         flat = torch.cat([*self.prune_sums.values(), *self.grow_sums.values(), counts])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flat)
@@ -219,11 +232,19 @@ class HeadPruneGrow(PruneGrowModifier):
             int(flat[-1]),
         )
 
-    def _swap(self, groups: list[UnitGroup], scores: dict[str, torch.Tensor], fraction: float):
-        """Prune the lowest-scoring kept units of `groups` (never below a group's minimum), then
-        grow as many of the highest-scoring units not kept; just-pruned units compete too."""
+    def _swap(
+        self,
+        groups: list[UnitGroup],
+        prune_score: dict[str, torch.Tensor],
+        grow_score: dict[str, torch.Tensor],
+        fraction: float,
+    ):
+        """Prune the kept units of `groups` with the lowest prune score (never below a group's
+        minimum), then grow as many of the units not kept with the highest grow score; the
+        just-pruned units compete on the same grow score as the others."""
         keep = torch.cat([self.keeps[g.name] for g in groups])
-        score = torch.cat([scores[g.name] for g in groups])
+        score = torch.cat([prune_score[g.name] for g in groups])
+        gain = torch.cat([grow_score[g.name] for g in groups])
         owner = [i for i, g in enumerate(groups) for _ in range(g.units)]
         room = [int(self.keeps[g.name].sum()) - self.minimum[g.name] for g in groups]
         active = int(keep.sum())
@@ -236,7 +257,7 @@ class HeadPruneGrow(PruneGrowModifier):
                 room[owner[unit]] -= 1
                 pruned.append(unit)
         keep[pruned] = False
-        grown = _order(score, ~keep, ascending=False)[: len(pruned)]
+        grown = _order(gain, ~keep, ascending=False)[: len(pruned)]
         keep[grown] = True
         offset = 0
         for g in groups:
@@ -294,15 +315,16 @@ class HeadPruneGrow(PruneGrowModifier):
     def state_dict(self) -> dict[str, Any]:
         """Under torch.distributed every rank must call this: the score sums of all ranks are
         added up (the checkpoint holds the run's sums, not one rank's)."""
-        prune_sums, grow_sums, batches, grow_seen = self._run_sums()
+        prune_sums, grow_sums, prune_samples, grow_samples = self._run_sums()
         return {
             "initialized": self.initialized,
             "updates_done": self.updates_done,
+            "deferred": self.deferred,
             "keeps": dict(self.keeps),
             "prune_sums": prune_sums,
             "grow_sums": grow_sums,
-            "batches": batches,
-            "grow_seen": grow_seen,
+            "prune_samples": prune_samples,
+            "grow_samples": grow_samples,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -314,6 +336,7 @@ class HeadPruneGrow(PruneGrowModifier):
             )
         self.initialized = bool(state["initialized"])
         self.updates_done = int(state["updates_done"])
+        self.deferred = state["deferred"]
         self.keeps = {n: k.to(torch.bool).cpu() for n, k in state["keeps"].items()}
         # The saved sums are the whole run's: rank 0 carries them on, the other ranks start from
         # zero, so the next update's all-reduce adds up to what an uninterrupted run would have.
@@ -325,8 +348,8 @@ class HeadPruneGrow(PruneGrowModifier):
                 for n, s in state[key].items()
             }
             setattr(self, key, sums)
-        self.batches = int(state["batches"]) if first else 0
-        self.grow_seen = int(state["grow_seen"]) if first else 0
+        self.prune_samples = int(state["prune_samples"]) if first else 0
+        self.grow_samples = int(state["grow_samples"]) if first else 0
         if self.initialized:
             self._install()
 
@@ -369,12 +392,11 @@ def _may_move_frozen(optimizer: torch.optim.Optimizer | None) -> bool:
     return any(group.get("weight_decay", 0.0) for group in optimizer.param_groups)
 
 
-@torch.no_grad()
-def _zero_state(optimizer: torch.optim.Optimizer | None, slices: list[Slice]) -> None:
-    """Zero the optimizer's per-weight tensors (Adam moments, momentum) on these slices."""
-    if optimizer is None:
-        return
+def _positions(slices: list[Slice]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The slices as (parameter, bool mask of its positions), one per parameter."""
+    out: dict[torch.Tensor, torch.Tensor] = {}
     for t, dim, index in slices:
-        for value in optimizer.state.get(t, {}).values():
-            if torch.is_tensor(value) and value.shape == t.shape:
-                value.index_fill_(dim, index, 0)
+        if t not in out:
+            out[t] = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+        out[t].index_fill_(dim, index, True)
+    return list(out.items())

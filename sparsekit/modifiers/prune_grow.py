@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from sparsekit.modifiers.base import Modifier
-from sparsekit.modifiers.schedules import decayed_fraction, is_update_step
+from sparsekit.modifiers.schedules import is_update_step, next_update, update_fraction
 
 if TYPE_CHECKING:
     from sparsekit.session import Session
+    from sparsekit.surgery.optimizer_state import OptimizerRestarts
     from sparsekit.timeline import Timeline
 
 
@@ -29,12 +29,18 @@ class PruneGrowModifier(Modifier):
         parts: list[Any],
         update_every: int,
         seed: int,
+        total_steps: int | None = None,
     ):
         super().__init__(config, model, start_step, end_step)
+        # The run's length: the reference's fraction decay runs over the whole run.
+        self.total_steps = end_step if total_steps is None else total_steps
         self.update_every = max(1, update_every)
         self.seed = seed
         self.initialized = False
         self.updates_done = 0
+        # An update that fell on a skipped step (non-finite loss) waits for the next step that
+        # trains: the completed-step count it was due at, else None.
+        self.deferred: int | None = None
 
     @classmethod
     def build(cls, config: Any, model: nn.Module, timeline: Timeline, seed: int) -> Modifier:
@@ -46,6 +52,7 @@ class PruneGrowModifier(Modifier):
             cls.find(config, model),
             update_every=timeline.steps(config.update_every),
             seed=seed,
+            total_steps=timeline.total_steps,
         )
 
     @classmethod
@@ -53,15 +60,24 @@ class PruneGrowModifier(Modifier):
         """What the phase acts on (weights, or unit groups), checked against the model."""
         raise NotImplementedError
 
-    def initialize(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        """Make the first masks; return extra fields for the `mask_init` event."""
+    def initialize(self, restarts: OptimizerRestarts | None) -> dict[str, Any]:
+        """Make the first masks (zeroing the optimizer state of what they drop, through
+        `restarts`, when there is an optimizer); return extra fields for the `mask_init` event."""
         raise NotImplementedError
 
-    def prune_and_grow(
-        self, fraction: float, optimizer: torch.optim.Optimizer | None
-    ) -> dict[str, Any]:
-        """Replace `fraction` of the active units; return fields for the `mask_update` event."""
+    def prune_and_grow(self, fraction: float, restarts: OptimizerRestarts | None) -> dict[str, Any]:
+        """Replace `fraction` of the active units (zeroing the optimizer state of the pruned
+        ones and restarting that of the grown ones); return fields for the `mask_update`
+        event."""
         raise NotImplementedError
+
+    def update_soon(self, step: int, window: int) -> bool:
+        """Whether step `step` (0-based) is among the last `window` steps before an update,
+        a deferred one included: the steps whose gradients score growth."""
+        if self.deferred is not None:
+            return True
+        upcoming = next_update(step + 1, self.start_step, self.end_step, self.update_every)
+        return upcoming is not None and upcoming - (step + 1) < window
 
     # --- lifecycle -------------------------------------------------------------------------
     def active(self, step: int) -> bool:
@@ -70,20 +86,31 @@ class PruneGrowModifier(Modifier):
 
     def on_batch_start(self, session: Session) -> None:
         if not self.initialized and session.step >= self.start_step:
-            extra = self.initialize(session.optimizer)
+            extra = self.initialize(session.restarts)
             self.initialized = True
             session.record(self, {"event": "mask_init", "step": session.step, **extra})
 
+    def _due(self, count: int) -> bool:
+        return self.initialized and is_update_step(
+            count, self.start_step, self.end_step, self.update_every
+        )
+
+    def on_skipped_step(self, session: Session) -> None:
+        count = session.step + 1
+        if self._due(count) and self.deferred is None:
+            self.deferred = count
+
     def on_update(self, session: Session) -> None:
         count = session.step + 1
-        if not self.initialized or not is_update_step(
-            count, self.start_step, self.end_step, self.update_every
-        ):
+        if not (self._due(count) or (self.initialized and self.deferred is not None)):
             return
-        progress = (count - self.start_step) / max(1, self.end_step - self.start_step)
-        fraction = decayed_fraction(
-            self.config.update_fraction, progress, self.config.fraction_decay
+        due, self.deferred = self.deferred or count, None
+        fraction = update_fraction(
+            self.config, due, self.start_step, self.end_step, self.total_steps
         )
-        extra = self.prune_and_grow(fraction, session.optimizer)
+        extra = self.prune_and_grow(fraction, session.restarts)
         self.updates_done += 1
-        session.record(self, {"event": "mask_update", "step": count, "fraction": fraction, **extra})
+        event = {"event": "mask_update", "step": count, "fraction": fraction, **extra}
+        if due != count:
+            event["deferred_from"] = due  # due on a skipped step, taken on this one
+        session.record(self, event)

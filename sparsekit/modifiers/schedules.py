@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Any
+
+# The reference code's update-fraction schedule (SViTE dst_utils/core.py:37-46, main.py:346):
+# `CosineDecay(death_rate, T_max=len(data_loader_train) * epochs, eta_min=0.005)`, a
+# torch CosineAnnealingLR stepped once per iteration (core.py:214-220), read at each update.
+REFERENCE_FRACTION_MIN = 0.005
 
 
 def decayed_fraction(initial: float, progress: float, decay: str) -> float:
     """Share of active weights replaced at an update, `progress` in [0, 1] of the update window.
 
-    cosine: initial * (1 + cos(pi * progress)) / 2, as RigL and the SViTE reference; linear and
-    constant for comparisons.
+    cosine: initial * (1 + cos(pi * progress)) / 2, as RigL; linear: initial * (1 - progress);
+    constant: initial. The reference code's schedule runs on the whole run instead of the
+    window: see `update_fraction`.
     """
     progress = min(max(progress, 0.0), 1.0)
     if decay == "cosine":
@@ -18,7 +25,40 @@ def decayed_fraction(initial: float, progress: float, decay: str) -> float:
         return initial * (1.0 - progress)
     if decay == "constant":
         return initial
+    if decay == "reference":
+        raise ValueError(
+            "fraction_decay 'reference' runs on the run's step count, not the window's progress: "
+            "use update_fraction(config, count, start_step, end_step, total_steps)"
+        )
     raise ValueError(f"unknown decay {decay!r}; use 'cosine', 'linear' or 'constant'")
+
+
+def update_fraction(
+    config: Any, count: int, start_step: int, end_step: int, total_steps: int
+) -> float:
+    """Share of the active units or weights replaced at the update after `count` completed
+    optimizer steps, for a prune-and-grow phase `config` (`UnstructuredDSTPhase` or
+    `HeadPruneGrowPhase`: its `update_fraction` f0 and `fraction_decay`).
+
+    - cosine, linear, constant: `decayed_fraction` over the phase window, with
+      progress p = (count - start_step) / (end_step - start_step) clamped to [0, 1]:
+      f0 (1 + cos(pi p)) / 2, f0 (1 - p), f0.
+    - reference: the SViTE code's schedule, a cosine over the whole run (not the window) from
+      f0 down to 0.005, on the run's step count:
+      0.005 + (f0 - 0.005) (1 + cos(pi t / total_steps)) / 2 with t = min(count, total_steps).
+      This is torch's CosineAnnealingLR(T_max=total_steps, eta_min=0.005) after `count` steps
+      (the reference steps it after every iteration and reads it at each update; its T_max is
+      the run's iterations, len(data_loader_train) * epochs). Past T_max torch's schedule would
+      rise again; the reference never updates there (updates stop at t_end = 0.8), and this
+      holds it at 0.005.
+    """
+    initial, decay = config.update_fraction, config.fraction_decay
+    if decay == "reference":
+        floor = REFERENCE_FRACTION_MIN
+        t = min(max(count, 0), total_steps)
+        return floor + (initial - floor) * 0.5 * (1.0 + math.cos(math.pi * t / max(1, total_steps)))
+    progress = (count - start_step) / max(1, end_step - start_step)
+    return decayed_fraction(initial, progress, decay)
 
 
 def is_update_step(count: int, start: int, end: int, every: int) -> bool:

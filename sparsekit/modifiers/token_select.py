@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 @register("token_select")
 class TokenSelect(Modifier):
     """Selection is on from `start_step` to the end of the run; the Gumbel temperature anneals
-    geometrically from `temperature_start` to `temperature_end` over `[start_step, end_step)`."""
+    from `temperature_start` to `temperature_end` over `[start_step, end_step]`, geometrically
+    or linearly (`temperature_decay`), and stays at `temperature_end` after it."""
 
     config: TokenSelectPhase
 
@@ -60,9 +61,13 @@ class TokenSelect(Modifier):
         return step >= self.start_step
 
     def temperature(self, step: int) -> float:
-        start, end = self.config.temperature_start, self.config.temperature_end
-        progress = (step - self.start_step) / max(1, self.end_step - self.start_step)
-        return start * (end / start) ** min(max(progress, 0.0), 1.0)
+        """The temperature of the step after `step` completed steps."""
+        return annealed_temperature(
+            self.config.temperature_start,
+            self.config.temperature_end,
+            (step - self.start_step) / max(1, self.end_step - self.start_step),
+            self.config.temperature_decay,
+        )
 
     def on_batch_start(self, session: Session) -> None:
         self.selection.enabled = self.active(session.step)
@@ -96,3 +101,19 @@ class TokenSelect(Modifier):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Nothing to restore besides the model's own weights."""
+
+
+def annealed_temperature(start: float, end: float, progress: float, decay: str) -> float:
+    """Gumbel temperature at `progress` (clamped to [0, 1]) of the annealing window.
+
+    geometric: start * (end / start) ** p. linear: start + (end - start) * p, the reference
+    code's `get_tau(10, 0.1, ite_step, total_iteration)` (SViTE engine.py:21-23, 48), whose
+    window is the whole run: `ite_step` completed iterations of `len(data_loader) * epochs`
+    (engine.py:37), so a phase with start 0 and end "100%" anneals exactly as it does.
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if decay == "geometric":
+        return start * (end / start) ** p
+    if decay == "linear":
+        return start + (end - start) * p
+    raise ValueError(f"unknown temperature_decay {decay!r}; use 'geometric' or 'linear'")

@@ -4,8 +4,9 @@ Invariants kept at every step, which the reference implementation does not all k
 - each layer holds exactly its budget of non-zero weights (grown == pruned per layer);
 - masked weights are exactly 0 after every optimizer step, and their gradients are zeroed
   before it, so Adam moments and SGD momentum never accumulate there;
-- optimizer state at every inactive position is zeroed at each update, so a regrown weight
-  starts from 0 with fresh moments.
+- optimizer state at every inactive position is zeroed at each update, and a regrown weight
+  starts from 0 stepping as a fresh optimizer would (`surgery.optimizer_state`: Adam's bias
+  correction restarts with it).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from torch import nn
 
 from sparsekit.modifiers.prune_grow import PruneGrowModifier
 from sparsekit.modifiers.registry import register
-from sparsekit.modifiers.schedules import next_update
 from sparsekit.recipe.schema import UnstructuredDSTPhase
 from sparsekit.surgery.masks import layer_budgets, random_scores, topk_mask
+from sparsekit.surgery.optimizer_state import OptimizerRestarts
 from sparsekit.surgery.targets import Target, find_targets
 
 # Optimizers whose step leaves a weight at exactly 0 when its gradient and its state are 0
@@ -48,8 +49,11 @@ class UnstructuredDST(PruneGrowModifier):
         targets: list[Target],
         update_every: int,
         seed: int,
+        total_steps: int | None = None,
     ):
-        super().__init__(config, model, start_step, end_step, targets, update_every, seed)
+        super().__init__(
+            config, model, start_step, end_step, targets, update_every, seed, total_steps
+        )
         self.targets = targets
         self.budgets = layer_budgets(
             [tuple(t.weight.shape) for t in targets], config.sparsity, config.distribution
@@ -82,10 +86,9 @@ class UnstructuredDST(PruneGrowModifier):
 
     def _accumulating(self, step: int) -> bool:
         """Whether step `step`'s dense gradients go into the grow score of the next update."""
-        if self.config.grow != "gradient":
-            return False
-        upcoming = next_update(step + 1, self.start_step, self.end_step, self.update_every)
-        return upcoming is not None and upcoming - (step + 1) < self.config.grow_accumulation
+        return self.config.grow == "gradient" and self.update_soon(
+            step, self.config.grow_accumulation
+        )
 
     def after_optimizer_step(self, session: Session) -> None:
         if self.initialized and type(session.optimizer) not in _ZERO_PRESERVING:
@@ -93,12 +96,13 @@ class UnstructuredDST(PruneGrowModifier):
 
     # --- masks -----------------------------------------------------------------------------
     @torch.no_grad()
-    def initialize(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def initialize(self, restarts: OptimizerRestarts | None) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(self.seed)
         for t, budget in zip(self.targets, self.budgets, strict=True):
             self._set_mask(t.name, topk_mask(self._initial_scores(t.weight, generator), budget))
+            if restarts is not None:
+                restarts.zero(t.weight, ~self._masks[t.name])
         self._apply_masks()
-        self._zero_optimizer_state(optimizer)
         return {}
 
     def _initial_scores(self, w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -107,19 +111,16 @@ class UnstructuredDST(PruneGrowModifier):
         return random_scores(w.shape, generator).to(w.device)
 
     @torch.no_grad()
-    def prune_and_grow(
-        self, fraction: float, optimizer: torch.optim.Optimizer | None
-    ) -> dict[str, Any]:
+    def prune_and_grow(self, fraction: float, restarts: OptimizerRestarts | None) -> dict[str, Any]:
         grown = [
-            self._update_layer(index, t, fraction, optimizer)
-            for index, t in enumerate(self.targets)
+            self._update_layer(index, t, fraction, restarts) for index, t in enumerate(self.targets)
         ]
         self._grad_sum.clear()
         return {"regrown": sum(grown)}
 
     @torch.no_grad()
     def _update_layer(
-        self, index: int, t: Target, fraction: float, optimizer: torch.optim.Optimizer | None
+        self, index: int, t: Target, fraction: float, restarts: OptimizerRestarts | None
     ) -> int:
         """Prune and grow one layer (as many grown as pruned); return the number grown."""
         mask = self._masks[t.name]
@@ -155,12 +156,12 @@ class UnstructuredDST(PruneGrowModifier):
             score = random_scores(w.shape, generator).to(w.device)
         grown = topk_mask(score.mul_(1.0 - survivors).sub_(survivors), n_swap)  # kept score -1
         # Only kept weights carry over: pruned and grown ones (a just-pruned weight that won its
-        # place back included) are exactly 0 with zeroed optimizer state.
+        # place back included) are exactly 0; pruned ones get zeroed optimizer state, grown ones
+        # a fresh optimizer's.
         w.mul_(survivors)
-        if optimizer is not None:
-            for value in optimizer.state.get(w, {}).values():
-                if torch.is_tensor(value) and value.shape == w.shape:
-                    value.mul_(survivors)
+        if restarts is not None:
+            restarts.zero(w, pruned)
+            restarts.restart(w, grown)
         self._set_mask(t.name, kept ^ grown)  # disjoint: grown excludes kept
         return n_swap
 
@@ -173,16 +174,6 @@ class UnstructuredDST(PruneGrowModifier):
         for t in self.targets:
             t.weight.mul_(self._keep[t.name])
 
-    @torch.no_grad()
-    def _zero_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Zero every per-weight optimizer tensor (Adam moments, momentum) at masked positions."""
-        if optimizer is None:
-            return
-        for t in self.targets:
-            for value in optimizer.state.get(t.weight, {}).values():
-                if torch.is_tensor(value) and value.shape == t.weight.shape:
-                    value.mul_(self._keep[t.name])
-
     # --- reporting and resume --------------------------------------------------------------
     def masks_owned(self) -> list[str]:
         return [f"{t.name}.weight" for t in self.targets]
@@ -194,6 +185,7 @@ class UnstructuredDST(PruneGrowModifier):
         return {
             "initialized": self.initialized,
             "updates_done": self.updates_done,
+            "deferred": self.deferred,
             "masks": {k: v.cpu() for k, v in self._masks.items()},
             "grad_sum": {k: v.cpu() for k, v in self._grad_sum.items()},
         }
@@ -207,6 +199,7 @@ class UnstructuredDST(PruneGrowModifier):
             )
         self.initialized = bool(state["initialized"])
         self.updates_done = int(state["updates_done"])
+        self.deferred = state["deferred"]
         for name, mask in state["masks"].items():
             self._set_mask(name, mask.to(names[name].weight.device, torch.bool))
         self._grad_sum = {

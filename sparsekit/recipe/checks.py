@@ -23,8 +23,8 @@ _SCHEDULED = (UnstructuredDSTPhase, HeadPruneGrowPhase)  # kinds with update_eve
 _SPARSE = (*_SCHEDULED, MagnitudePrunePhase, TokenSelectPhase)
 _WEIGHT_MASKING = (UnstructuredDSTPhase, MagnitudePrunePhase)
 _AT_MOST_ONCE = {
-    "head_prune_grow": "they would gate the same heads at once. Keep one (it may set both "
-    "head_density and mlp_density)",
+    "head_prune_grow": "they would gate the same heads at once. Keep one (it may prune both "
+    "heads and MLP neurons)",
     "token_select": "they would select tokens twice. Keep one (it takes several placements)",
 }
 

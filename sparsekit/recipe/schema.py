@@ -6,14 +6,19 @@ A recipe is a `training` section and a list of `phases`. Each phase is discrimin
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from sparsekit.errors import RecipeError
 from sparsekit.recipe.span import Span
 
 Role = Literal["qkv", "proj", "fc1", "fc2", "patch_embed", "head"]
 ROLES: tuple[str, ...] = Role.__args__
+# How the share of units or weights replaced at each prune/grow update decays; formulas in
+# sparsekit.modifiers.schedules.update_fraction and docs/recipes.md.
+FractionDecay = Literal["cosine", "linear", "constant", "reference"]
 
 
 class _Strict(BaseModel):
@@ -124,7 +129,11 @@ class UnstructuredDSTPhase(_Phase):
     update_fraction: float = Field(
         0.5, gt=0, le=1, description="Share of active weights replaced at the first update."
     )
-    fraction_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    fraction_decay: FractionDecay = Field(
+        "cosine",
+        description="cosine, linear, constant: from update_fraction to 0 over [start, end]; "
+        "reference: the SViTE code's cosine over the whole run to 0.005.",
+    )
     targets: Targets = Targets()
 
 
@@ -151,7 +160,8 @@ class MagnitudePrunePhase(_Moment):
 class HeadPruneGrowPhase(_Phase):
     """S2ViTE: structured prune-and-grow of attention heads, and optionally of MLP neurons.
 
-    Each block keeps a fixed share of its heads (and neurons); at every update the lowest-scoring
+    Each block keeps a fixed number of its heads (and neurons), given as a share (rounded down,
+    see `kept_units`) or as an exact count; at every update the lowest-scoring
     active units (first-order Taylor importance) are switched off and as many of the best
     inactive ones (gradient at their gate) are switched on. Masks appear at `start` and stay
     until the run ends; `end` is when updates stop.
@@ -159,11 +169,28 @@ class HeadPruneGrowPhase(_Phase):
 
     kind: Literal["head_prune_grow"]
     end: Span = Field(Span(0.8, "fraction"), description="When prune-and-grow updates stop.")
-    head_density: float = Field(
-        gt=0, le=1, description="Share of each block's heads kept (the paper's attention density)."
+    head_density: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of each block's heads kept (the paper's attention density), rounded "
+        "down; give this or heads.",
+    )
+    heads: int | None = Field(
+        None, ge=1, le=1024, description="Heads each block keeps, exactly; instead of head_density."
     )
     mlp_density: float | None = Field(
-        None, gt=0, le=1, description="Share of each block's MLP neurons kept; null: MLP whole."
+        None,
+        gt=0,
+        le=1,
+        description="Share of each block's MLP neurons kept, rounded down; null (and no "
+        "mlp_neurons): MLP whole.",
+    )
+    mlp_neurons: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="MLP neurons each block keeps, exactly; instead of mlp_density.",
     )
     min_heads: int = Field(1, ge=1, le=1024, description="Fewest heads any block keeps.")
     budget: Literal["per_block", "global"] = Field(
@@ -178,13 +205,105 @@ class HeadPruneGrowPhase(_Phase):
     update_fraction: float = Field(
         0.5, gt=0, le=1, description="Share of active units replaced at the first update."
     )
-    fraction_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    fraction_decay: FractionDecay = Field(
+        "cosine",
+        description="cosine, linear, constant: from update_fraction to 0 over [start, end]; "
+        "reference: the SViTE code's cosine over the whole run to 0.005.",
+    )
     grow_batches: int = Field(
         1,
         ge=1,
         le=10_000,
         description="Batches before each update that run full size to score inactive units.",
     )
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_or_density(cls, heads: int | None, info: ValidationInfo) -> int | None:
+        if heads is not None and info.data.get("head_density") is not None:
+            raise ValueError(
+                "give either head_density (a share of each block's heads) or heads (how many "
+                "each block keeps), not both"
+            )
+        return heads
+
+    @field_validator("mlp_neurons")
+    @classmethod
+    def _neurons_or_density(cls, neurons: int | None, info: ValidationInfo) -> int | None:
+        if neurons is not None and info.data.get("mlp_density") is not None:
+            raise ValueError(
+                "give either mlp_density (a share of each block's MLP neurons) or mlp_neurons "
+                "(how many each block keeps), not both"
+            )
+        return neurons
+
+    @model_validator(mode="after")
+    def _a_head_budget(self) -> HeadPruneGrowPhase:
+        if self.head_density is None and self.heads is None:
+            raise ValueError(
+                "give head_density (a share of each block's heads, e.g. 0.5) or heads (how "
+                "many each block keeps, e.g. 3)"
+            )
+        if self.heads is not None and self.heads < self.min_heads:
+            raise ValueError(
+                f"heads is {self.heads} but min_heads is {self.min_heads}: every block keeps "
+                f"exactly {self.heads}, so lower min_heads to {self.heads} or raise heads"
+            )
+        return self
+
+    @property
+    def prunes_neurons(self) -> bool:
+        """Whether the phase also prunes MLP neurons (mlp_density or mlp_neurons is given)."""
+        return self.mlp_density is not None or self.mlp_neurons is not None
+
+    def kept_units(self, kind: str, units: int) -> int:
+        """How many of a block's `units` heads (`kind` "heads") or MLP neurons ("neurons") the
+        phase keeps.
+
+        An exact count (`heads`, `mlp_neurons`) is used as given. A density is rounded down,
+        as the reference code does (`int(atten_head * atten_density)` and
+        `int(channels * other_density)` in `Masking.structure_init_new`, SViTE
+        dst_utils/core.py:643 and :699), except that a product within 1e-9 of a whole number
+        counts as that number (so float noise such as 0.29 x 100 = 28.999... keeps 29). The
+        result is at least `min_heads` for heads and 1 for neurons, and at most `units`.
+        Neurons with neither field set are all kept.
+
+        Raises:
+            RecipeError: an exact count larger than the model's `units`.
+            ValueError: an unknown `kind`.
+        """
+        if kind == "heads":
+            exact, density, fewest, field, what = (
+                self.heads,
+                self.head_density,
+                self.min_heads,
+                "heads",
+                "heads",
+            )
+        elif kind == "neurons":
+            exact, density, fewest, field, what = (
+                self.mlp_neurons,
+                self.mlp_density,
+                1,
+                "mlp_neurons",
+                "MLP neurons",
+            )
+        else:
+            raise ValueError(f"unknown unit kind {kind!r}; use 'heads' or 'neurons'")
+        if exact is not None:
+            if exact > units:
+                other = "head_density" if kind == "heads" else "mlp_density"
+                raise RecipeError(
+                    f"head_prune_grow asks for {field}: {exact} in every block, but this "
+                    f"model's blocks have {units} {what}; give at most {units}, or a share with "
+                    f"{other}."
+                )
+            count = exact
+        elif density is None:
+            return units
+        else:
+            count = math.floor(density * units + 1e-9)
+        return min(units, max(fewest, count))
 
 
 class TokenPlacement(_Strict):
@@ -200,7 +319,8 @@ class TokenSelectPhase(_Phase):
     """SViTE+: a learnable scorer keeps the most useful patch tokens before chosen blocks.
 
     Selection starts at `start` and stays on until the run ends; the Gumbel temperature anneals
-    from `temperature_start` to `temperature_end` between `start` and `end`.
+    from `temperature_start` to `temperature_end` between `start` and `end`, geometrically or
+    linearly (`temperature_decay`).
     """
 
     kind: Literal["token_select"]
@@ -213,6 +333,11 @@ class TokenSelectPhase(_Phase):
     )
     temperature_start: float = Field(10.0, gt=0, le=1e4, description="Gumbel temperature at start.")
     temperature_end: float = Field(0.1, gt=0, le=1e4, description="Gumbel temperature at end.")
+    temperature_decay: Literal["geometric", "linear"] = Field(
+        "geometric",
+        description="How the temperature goes from temperature_start to temperature_end over "
+        "[start, end]: geometric, or linear (the reference code's, over the whole run).",
+    )
 
     @model_validator(mode="after")
     def _one_way_to_place(self) -> TokenSelectPhase:

@@ -95,7 +95,7 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
         if gated is not None:
             x = x * gated
         # The kept heads' gate values (all 1): their gradient is the Taylor prune score.
-        x = x * gate.values.index_select(0, index["units"]).repeat_interleave(width).to(x.dtype)
+        x = gate.apply(x, index["units"])
         x = F.linear(x, attn.proj.weight.index_select(1, index["cols"]), attn.proj.bias)
         return attn.proj_drop(x)
 
@@ -115,7 +115,7 @@ def _mlp_forward(group: UnitGroup, indices: dict, gate: UnitGate):
         else:
             hidden = mlp.act(F.linear(x, *_rows(mlp.fc1, index["rows0"])))
         hidden = mlp.norm(mlp.drop1(hidden))
-        hidden = hidden * gate.values.index_select(0, index["units"]).to(hidden.dtype)
+        hidden = gate.apply(hidden, index["units"])
         out = F.linear(hidden, mlp.fc2.weight.index_select(1, index["cols"]), mlp.fc2.bias)
         return mlp.drop2(out)
 

@@ -37,7 +37,14 @@ class Placement:
 
 
 def kept_count(patches: int, keep_ratio: float) -> int:
-    """Patch tokens a selector keeps out of `patches`: ceil(keep_ratio x patches), at least 1."""
+    """Patch tokens a selector keeps out of `patches`: ceil(keep_ratio x patches), at least 1.
+
+    Prefix (class, distillation, register) tokens are kept on top and not counted: at 224 px
+    keep_ratio 0.95 keeps 187 of 196 patches, 188 tokens. The reference instead keeps the top
+    `token_number` of all 197 tokens (187) and then forces the class token in, 186 or 187
+    patches depending on whether the class token scored in (SViTE vision_transformer.py:291-300);
+    a fixed count is what lets evaluation gather the kept tokens.
+    """
     return max(1, min(patches, math.ceil(keep_ratio * patches - 1e-9)))
 
 

@@ -103,12 +103,12 @@ def neuron_groups(model: nn.Module) -> list[UnitGroup]:
         else:
             raise SparsekitError(
                 f"{name} is {type(mlp).__name__}: neuron pruning supports timm's Mlp and SwiGLU. "
-                "Leave mlp_density unset to prune heads only."
+                "Leave mlp_density and mlp_neurons unset to prune heads only."
             )
         if not isinstance(mlp.norm, nn.Identity):
             raise SparsekitError(
                 f"{name} normalizes across its hidden neurons, so removing one would change the "
-                "others; neuron pruning cannot be exact on this model. Leave mlp_density unset."
+                "others; neuron pruning cannot be exact on this model. Leave mlp_density and mlp_neurons unset."
             )
         groups.append(UnitGroup(name, "neurons", mlp, mlp.fc2.in_features, 1, producers, mlp.fc2))
     return groups
@@ -122,37 +122,69 @@ def _blocks(model: nn.Module) -> nn.Module:
 
 
 class UnitGate:
-    """A 0/1 multiplier on the consumer's input, one value per unit.
+    """A 0/1 multiplier on the consumer's input, one value per unit, that also scores the units.
 
-    Its gradient is what scores the units: at gate 1, |dL/dg| is the first-order Taylor
-    importance of the unit's output (|sum of grad x output|); at gate 0 it is the gain of turning
-    the unit back on, which is non-zero because a gated-off unit keeps its weights and still
-    computes its output. That is what lets growth explore units that were never active.
+    In training, the gate is applied per sample, and the gradient at sample b's gate is
+    dL/dg_b = sum over tokens and the unit's features of dL/dO * O, with O the unit's output:
+    at gate 1 its absolute value is the first-order Taylor importance of the unit for that
+    sample (the reference's head score); at gate 0 it is the gain of turning the unit back on,
+    which is non-zero because a gated-off unit keeps its weights and still computes its output.
+    That is what lets growth explore units that were never active. The scores are absolute
+    values per sample, summed (`take`), so samples of opposite sign never cancel, and each is
+    multiplied by the batch size: for a loss that is a mean over the batch this is |dl_b/dg|
+    of the sample's own loss, the same whatever the batch is split into across processes.
     """
 
     def __init__(self, group: UnitGroup, keep: torch.Tensor):
         weight = group.consumer.weight
         self.group = group
-        self.values = keep.to(weight.device, weight.dtype, copy=True).requires_grad_(True)
+        self.values = keep.to(weight.device, weight.dtype, copy=True)
+        self._abs_sum = torch.zeros(group.units, dtype=torch.float64, device=weight.device)
+        self._samples = 0
         self._handle = group.consumer.register_forward_pre_hook(self._gate_input)
 
     def _gate_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple:
         x, *rest = args
-        gate = (
-            self.values
-            if self.group.width == 1
-            else self.values.repeat_interleave(self.group.width)
-        )
-        return (x * gate.to(x.dtype), *rest)
+        return (self.apply(x), *rest)
+
+    def apply(self, x: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` (batch first, features last) times the gates of `units` (all units when None:
+        x holds every unit's features; else only those of the listed units, in order)."""
+        values = self.values if units is None else self.values.index_select(0, units)
+        if torch.is_grad_enabled():
+            values = self._per_sample(values, x.shape[0], units)
+        else:
+            values = values.expand(x.shape[0], -1)
+        if self.group.width > 1:
+            values = values.repeat_interleave(self.group.width, dim=1)
+        shape = (x.shape[0], *([1] * (x.ndim - 2)), values.shape[1])
+        return x * values.to(x.dtype).view(shape)
+
+    def _per_sample(self, values: torch.Tensor, batch: int, units: torch.Tensor | None):
+        per_sample = values.expand(batch, -1).clone().requires_grad_(True)
+
+        def collect(grad: torch.Tensor) -> None:
+            score = grad.detach().abs().sum(0).to(torch.float64).mul_(batch)
+            if units is None:
+                self._abs_sum.add_(score)
+            else:
+                self._abs_sum.index_add_(0, units, score)
+            self._samples += batch
+
+        per_sample.register_hook(collect)
+        return per_sample
 
     @torch.no_grad()
     def set(self, keep: torch.Tensor) -> None:
         self.values.copy_(keep)
 
-    def take_grad(self) -> torch.Tensor | None:
-        """dL/dg since the last call (None when no backward ran), and clear it."""
-        grad, self.values.grad = self.values.grad, None
-        return None if grad is None else grad.detach()
+    def take(self) -> tuple[torch.Tensor, int]:
+        """The per-unit sum over samples of |dl_b/dg| since the last call, and the number of
+        samples (0 when no training forward ran); both are reset."""
+        taken = (self._abs_sum.clone(), self._samples)
+        self._abs_sum.zero_()
+        self._samples = 0
+        return taken
 
     def remove(self) -> None:
         self._handle.remove()

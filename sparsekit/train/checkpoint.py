@@ -20,19 +20,30 @@ FORMAT = 1
 
 
 def capture_rng() -> dict[str, Any]:
-    """Generator states that dropout, drop-path and augmentation draw from."""
+    """Generator states that dropout, drop-path, token noise and augmentation draw from.
+
+    On CUDA also the state of the current device's generator apart: under torchrun rank 0
+    writes the checkpoint and trained on cuda:0, while rank r draws from cuda:r, whose state in
+    rank 0's process was never advanced.
+    """
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_current"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Restore `capture_rng`'s states. The current CUDA device (each rank's own under torchrun)
+    takes the state of the writer's current device: the ranks' devices draw alike, so that is
+    every rank's state."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda_current" in state:  # absent in checkpoints written before it was kept
+            torch.cuda.set_rng_state(state["cuda_current"])
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ from sparsekit.modifiers.schedules import warmup_cosine_lr
 from sparsekit.recipe.load import dump_recipe
 from sparsekit.recipe.schema import Recipe, Training
 from sparsekit.session import Session
+from sparsekit.surgery.global_noise import GlobalBatchNoise
 from sparsekit.timeline import Timeline
 from sparsekit.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sparsekit.train.data import DataBundle, build_data
@@ -84,6 +85,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
         )
     spec = model_spec(run, data, cfg.drop_path)
     model = create_model(spec, run.pretrained, run.checkpoint).to(device)
+    GlobalBatchNoise(model)  # drop-path and dropout noise: any number of processes draws alike
     sampler_gen = torch.Generator()
     if ranks.world == 1:
         batches: dict[str, Any] = {
@@ -183,11 +185,11 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
                             "training.grad_clip, then resume from the last checkpoint with "
                             f"--resume (it holds epoch {epoch})."
                         )
-                    # Skip: no backward, no optimizer step; the phases still see the step.
+                    # Skip: no backward, no optimizer step; the phases still see the step (an
+                    # update due now waits for the next step that trains).
                     skipped += 1
                     optimizer.zero_grad(set_to_none=True)
-                    session.before_optimizer_step()
-                    session.after_optimizer_step()
+                    session.skip_step()
                     with warnings.catch_warnings():  # "scheduler before optimizer": on purpose
                         warnings.simplefilter("ignore", UserWarning)
                         scheduler.step()
