@@ -215,16 +215,56 @@ def test_zeroed_moments_without_the_correction_overshoot() -> None:
     assert w.detach().abs().min() > 2.5 * 1e-2  # 2.8x lr
 
 
-def test_cohorts_retire_and_round_trip() -> None:
-    values, restarts = _trajectory(OPTIMIZERS["adamw"], 1500, 3, restart=True)
-    state = restarts.state_dict()
-    assert (
-        len(state) == 1
-        and state[0]["born"] == 1500
-        and state[0]["index"].tolist() == list(range(8))
-    )
+def test_regrown_positions_retire_and_round_trip() -> None:
+    _, restarts = _trajectory(OPTIMIZERS["adamw"], 1500, 3, restart=True)
+    (state,) = restarts.state_dict()
+    assert state["index"].tolist() == list(range(8)) and state["born"].tolist() == [1500] * 8
     _, old = _trajectory(OPTIMIZERS["adamw"], 1500, 17_000, restart=True)
     assert old.state_dict() == []  # beta2^age < 1e-7: the tensor's own correction is exact
+
+
+def test_positions_regrown_at_two_updates_keep_their_own_ages() -> None:
+    # Two regrowths of one tensor, 300 steps apart: each position steps as a fresh optimizer
+    # started at its own regrowth (one record per tensor, ages per position).
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    optimizer = torch.optim.AdamW([w], lr=1e-2, weight_decay=0.05, fused=True)
+    restarts = OptimizerRestarts(optimizer)
+    g = torch.linspace(-1.0, 1.0, 12).view(3, 4)
+    rows = [torch.zeros(3, 4, dtype=torch.bool) for _ in range(3)]
+    for i, r in enumerate(rows):
+        r[i] = True
+
+    def step(live):
+        w.grad = g * live
+        restarts.before_step()
+        optimizer.step()
+        restarts.after_step()
+        with torch.no_grad():
+            w.mul_(live)
+
+    live = rows[2].float()
+    for _ in range(1200):
+        step(live)
+    restarts.restart(w, rows[0])
+    live = live + rows[0].float()
+    for _ in range(300):
+        step(live)
+    restarts.restart(w, rows[1])
+    live = live + rows[1].float()
+    for _ in range(5):
+        step(live)
+    assert torch.allclose(w.detach()[0], _fresh_row(g[0], 305), rtol=1e-4)
+    assert torch.allclose(w.detach()[1], _fresh_row(g[1], 5), rtol=1e-4)
+    assert not torch.allclose(_fresh_row(g[0], 305), _fresh_row(g[0], 5), rtol=1e-2)
+
+
+def _fresh_row(g: torch.Tensor, steps: int) -> torch.Tensor:
+    w = torch.nn.Parameter(torch.zeros_like(g))
+    optimizer = torch.optim.AdamW([w], lr=1e-2, weight_decay=0.05)
+    for _ in range(steps):
+        w.grad = g.clone()
+        optimizer.step()
+    return w.detach()
 
 
 def test_dst_regrowth_after_a_long_run_moves_by_lr() -> None:

@@ -70,6 +70,7 @@ def test_svite_recipes_carry_paper_settings() -> None:
         ("s2vite_small", 0.5, 0.5),
         ("s2vite_tiny_att70_mlp70", 0.7, 0.7),
         ("s2vite_small_att50_mlp50", 0.5, 0.5),
+        ("s2vite_small_att70_mlp60", 0.7, 0.6),
         ("s2vite_base_att70_mlp60", 0.7, 0.6),
     ):
         phase = by_name[name].phases[0]

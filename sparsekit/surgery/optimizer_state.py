@@ -5,12 +5,13 @@ state (Adam's moments, SGD's momentum) is zeroed. Zeroing is not enough for Adam
 correction uses one step count per tensor, so a moment restarted from 0 at step 1,500 is
 divided by (1 - beta^1500) ~ 1 instead of (1 - beta^1) and the regrown weight moves about
 (1 - beta1) / sqrt(1 - beta2) ~ 3.2x the learning rate per step, where a fresh Adam moves 1x.
-`OptimizerRestarts` keeps, for each group of regrown positions (a cohort), the step count at
-which it was born, and after every optimizer step rewrites those positions with the step a
+`OptimizerRestarts` keeps, per parameter, the regrown positions and the step count at which
+each was regrown, and after every optimizer step rewrites those positions with the step a
 fresh Adam would have taken: the moments Adam keeps are the right ones (a restarted EMA is
-the fresh one), only the bias correction is per cohort. A cohort retires once its correction
-is within float32 rounding of the tensor's (beta^age < 1e-7: about 16,000 steps at
-beta2 = 0.999).
+the fresh one), only the bias correction is per position. One record per parameter, whatever
+the number of updates, so the per-step cost is a few passes over the regrown positions. A
+position leaves the record once its correction is within float32 rounding of the tensor's
+(beta^age < 1e-7: about 16,000 steps at beta2 = 0.999).
 
 For SGD, a zeroed momentum buffer is a fresh one (its next value is the gradient itself, with
 dampening 0), so zeroing is exact; other optimizers get their state zeroed only.
@@ -29,9 +30,9 @@ _MATURE = 1e-7
 
 
 @dataclass
-class _Cohort:
+class _Regrown:
     index: torch.Tensor  # flat positions in the parameter
-    born: int  # the parameter's optimizer step count when the positions restarted
+    born: torch.Tensor  # per position, the parameter's step count when it restarted (int64)
 
 
 class OptimizerRestarts:
@@ -40,12 +41,12 @@ class OptimizerRestarts:
 
     def __init__(self, optimizer: torch.optim.Optimizer | None):
         self.optimizer = optimizer
-        self._cohorts: dict[torch.Tensor, list[_Cohort]] = {}
-        self._pending: list[tuple[torch.Tensor, float, dict[str, Any], list[torch.Tensor]]] = []
+        self._regrown: dict[torch.Tensor, _Regrown] = {}
+        self._pending: list[tuple[torch.Tensor, int, dict[str, Any], torch.Tensor]] = []
 
     @property
     def corrects(self) -> bool:
-        """Whether this optimizer's steps need a per-cohort bias correction (Adam and AdamW)."""
+        """Whether this optimizer's steps need a per-position bias correction (Adam, AdamW)."""
         return type(self.optimizer) in (torch.optim.Adam, torch.optim.AdamW)
 
     # --- at mask updates -------------------------------------------------------------------
@@ -58,12 +59,10 @@ class OptimizerRestarts:
         for value in self.optimizer.state.get(param, {}).values():
             if torch.is_tensor(value) and value.shape == param.shape:
                 value.masked_fill_(where.to(value.device), 0)
-        cohorts = self._cohorts.get(param)
-        if cohorts:
-            flat = where.reshape(-1).to(cohorts[0].index.device)
-            for cohort in cohorts:
-                cohort.index = cohort.index[~flat[cohort.index]]
-            self._cohorts[param] = [c for c in cohorts if c.index.numel()]
+        regrown = self._regrown.get(param)
+        if regrown is not None:
+            stay = ~where.reshape(-1).to(regrown.index.device)[regrown.index]
+            self._keep(param, stay)
 
     @torch.no_grad()
     def restart(self, param: torch.Tensor, where: torch.Tensor) -> None:
@@ -76,27 +75,39 @@ class OptimizerRestarts:
         if "step" not in state:  # no step taken yet: the optimizer itself starts fresh
             return
         index = where.reshape(-1).nonzero().flatten().to(param.device)
-        self._cohorts.setdefault(param, []).append(_Cohort(index, _count(state["step"])))
+        born = torch.full_like(index, _count(state["step"]))
+        old = self._regrown.get(param)
+        if old is not None:
+            index, born = torch.cat([old.index, index]), torch.cat([old.born, born])
+        self._regrown[param] = _Regrown(index, born)
+
+    def _keep(self, param: torch.Tensor, stay: torch.Tensor) -> None:
+        regrown = self._regrown[param]
+        if bool(stay.all()):
+            return
+        if not bool(stay.any()):
+            del self._regrown[param]
+            return
+        self._regrown[param] = _Regrown(regrown.index[stay], regrown.born[stay])
 
     # --- around every optimizer step -------------------------------------------------------
     @torch.no_grad()
     def before_step(self) -> None:
         """Remember the restarted positions' weights and the hyperparameters of this step."""
         self._pending = []
-        if not self._cohorts:
+        if not self._regrown:
             return
         groups = {p: g for g in self.optimizer.param_groups for p in g["params"]}
-        for param, cohorts in self._cohorts.items():
-            state = self.optimizer.state.get(param, {})
-            flat = param.detach().view(-1)
-            saved = [flat.index_select(0, c.index) for c in cohorts]
-            self._pending.append((param, _count(state["step"]), dict(groups[param]), saved))
+        for param, regrown in self._regrown.items():
+            step = _count(self.optimizer.state[param]["step"])
+            saved = param.detach().view(-1).index_select(0, regrown.index)
+            self._pending.append((param, step, dict(groups[param]), saved))
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Rewrite the restarted positions with a fresh Adam's step, if the optimizer stepped."""
         pending, self._pending = self._pending, []
-        for param, step_before, group, saved in pending:
+        for param, step_before, group, old in pending:
             state = self.optimizer.state[param]
             step = _count(state["step"])
             if step == step_before:  # no step for this tensor (GradScaler skipped, no grad)
@@ -106,49 +117,56 @@ class OptimizerRestarts:
             decoupled = isinstance(self.optimizer, torch.optim.AdamW) or group.get(
                 "decoupled_weight_decay", False
             )
-            flat = param.detach().view(-1)
-            exp_avg = state["exp_avg"].view(-1)
-            second = state["max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"].view(-1)
-            for cohort, old in zip(self._cohorts[param], saved, strict=True):
-                age = step - cohort.born
-                if decoupled:
-                    old = old.mul_(1 - lr * wd)
-                m = exp_avg.index_select(0, cohort.index)
-                v = second.index_select(0, cohort.index)
-                denom = v.sqrt_().div_(math.sqrt(1 - b2**age)).add_(eps)
-                flat.index_copy_(0, cohort.index, old.addcdiv_(m, denom, value=-lr / (1 - b1**age)))
-            self._cohorts[param] = [
-                c for c in self._cohorts[param] if max(b1, b2) ** (step - c.born) >= _MATURE
-            ]
-            if not self._cohorts[param]:
-                del self._cohorts[param]
+            regrown = self._regrown[param]
+            index = regrown.index
+            age = (step - regrown.born).to(param.dtype)
+            if decoupled:
+                old.mul_(1 - lr * wd)
+            m = state["exp_avg"].view(-1).index_select(0, index)
+            second = state["max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"]
+            v = second.view(-1).index_select(0, index)
+            # Bias corrections 1 - beta^age = -expm1(age ln beta), per position (accurate in
+            # float32 even where beta^age is close to 1).
+            fix1 = age.mul(_log(b1)).expm1_().neg_()
+            fix2 = age.mul(_log(b2)).expm1_().neg_()
+            denom = v.div_(fix2).sqrt_().add_(eps)
+            old.sub_(m.div_(fix1).div_(denom).mul_(lr))
+            param.detach().view(-1).index_copy_(0, index, old)
+            if max(b1, b2) ** (step - int(regrown.born.min())) < _MATURE:
+                self._keep(param, max(b1, b2) ** (step - regrown.born).double() >= _MATURE)
 
     # --- resume ----------------------------------------------------------------------------
     def state_dict(self) -> list[dict[str, Any]]:
-        """The live cohorts, each naming its parameter by its position in the optimizer."""
+        """The regrown positions, each record naming its parameter by its position in the
+        optimizer."""
         position = {p: i for i, p in enumerate(self._params())}
         return [
-            {"param": position[p], "born": c.born, "index": c.index.cpu()}
-            for p, cohorts in self._cohorts.items()
-            for c in cohorts
+            {"param": position[p], "index": r.index.cpu(), "born": r.born.cpu()}
+            for p, r in self._regrown.items()
         ]
 
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:
-        """Restore the cohorts; without an optimizer (a run opened to export or inspect) there
+        """Restore the records; without an optimizer (a run opened to export or inspect) there
         is nothing to correct and they are left out."""
-        self._cohorts = {}
+        self._regrown = {}
         if self.optimizer is None:
             return
         params = self._params()
         for entry in state:
             param = params[int(entry["param"])]
-            cohort = _Cohort(entry["index"].to(param.device, torch.long), int(entry["born"]))
-            self._cohorts.setdefault(param, []).append(cohort)
+            self._regrown[param] = _Regrown(
+                entry["index"].to(param.device, torch.long),
+                entry["born"].to(param.device, torch.long),
+            )
 
     def _params(self) -> list[torch.Tensor]:
         if self.optimizer is None:
             return []
         return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf
 
 
 def _count(step: Any) -> int:
