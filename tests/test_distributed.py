@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -126,6 +127,34 @@ def torchrun(recipe: Path, out: Path, *extra: str, background: bool = False):
     return done
 
 
+def kill_processes_naming(folder: Path) -> None:
+    """SIGKILL every process whose command line holds `folder`."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # gone already
+            continue
+        if str(folder).encode() in args:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+
+
+def wait_until_free(folder: Path, seconds: float = 60) -> None:
+    """Until no process holds the run folder's lock (a killed one's is dropped by the kernel
+    once it has exited)."""
+    from sparsekit.errors import SparsekitError
+    from sparsekit.train.run_claim import claim_run_folder
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with claim_run_folder(folder):
+                return
+        except SparsekitError:
+            assert time.monotonic() < deadline, f"{folder} still locked after {seconds} s"
+            time.sleep(0.1)
+
+
 def final_masks(out: Path) -> dict:
     state = torch.load(out / "checkpoint.pt", weights_only=True)["session"]["modifiers"]
     return {
@@ -152,8 +181,13 @@ def test_torchrun_trains_and_a_killed_run_resumes_to_the_same_masks(tmp_path: Pa
     deadline = time.monotonic() + 300
     while not (killed / "checkpoint.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
+    # torchrun starts its workers in sessions of their own: kill the launcher's group and every
+    # worker (each names the run folder on its command line). Until the run-folder lock
+    # existed, surviving workers went on writing beside the resumed run.
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    kill_processes_naming(killed)
+    wait_until_free(killed)  # the kernel drops rank 0's lock once it has exited
     assert not (killed / "summary.json").exists()
     torchrun(recipe, killed, "--resume")
     expected, resumed = final_masks(straight), final_masks(killed)

@@ -240,8 +240,9 @@ def test_export_refuses_a_folder_of_other_files(tmp_path) -> None:
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     spec = ModelSpec("vit_tiny_patch16_224", SMALL)
     model, session = train_steps(spec, combined_recipe(), 2)
-    with pytest.raises(SparsekitError, match="holds other files"):
+    with pytest.raises(SparsekitError, match="not an earlier sparsekit export"):
         export_session(model, session, spec, tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_cli_export_and_inspect(run_dir: Path, tmp_path) -> None:

@@ -89,6 +89,7 @@ def test_run_folder_contents(tmp_path: Path) -> None:
     summary = run(tmp_path, "r")
     out = tmp_path / "r"
     assert {p.name for p in out.iterdir()} == {
+        ".sparsekit-run",  # the marker that makes it a run folder (and its lock)
         "recipe.yaml",
         "run.json",
         "checkpoint.pt",

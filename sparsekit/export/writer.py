@@ -9,10 +9,13 @@ interrupted export never leaves a half-written file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -108,17 +111,66 @@ def block_shapes(model: nn.Module) -> list[BlockShape]:
     return shapes
 
 
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds an earlier sparsekit export and nothing else: only the export's
+    files, and a `model.safetensors` whose metadata carries sparsekit's manifest (a Hugging Face
+    model folder with its own `model.safetensors`, `config.json` and README is not one)."""
+    from safetensors import safe_open
+
+    names = {p.name for p in folder.iterdir()}
+    if not names <= set(EXPORT_FILES) or "model.safetensors" not in names:
+        return False
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            return METADATA_KEY in (f.metadata() or {})
+    except Exception:  # unreadable or not safetensors: not ours to replace
+        return False
+
+
 def _write(
     out: Path, tensors: dict[str, torch.Tensor], manifest: Manifest, recipe_yaml: str | None
 ) -> None:
     if out.exists() and not out.is_dir():
         raise SparsekitError(f"{out} is a file; give -o a folder for the export.")
-    if out.is_dir() and any(out.iterdir()) and not (out / "model.safetensors").exists():
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
         raise SparsekitError(
-            f"{out} is a folder that holds other files, not an earlier export; give -o a new or "
-            "empty folder so nothing of yours is overwritten."
+            f"{out} holds files that are not an earlier sparsekit export (only "
+            f"{', '.join(EXPORT_FILES)} written by sparsekit are replaced); nothing in it was "
+            "touched. Give -o a new or empty folder."
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with _exclusive(out):
+            _replace(out, tensors, manifest, recipe_yaml)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # leave nothing behind that was not there
+        raise
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on the export folder itself while it is written: a second
+    writer is refused instead of deleting the first one's temporary files. The kernel drops the
+    lock when the process ends, however it ends, so a killed export never blocks the folder."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SparsekitError(
+                f"{out} is in use: another sparsekit process is exporting into it now. Wait for "
+                "it to finish, or give -o another folder."
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _replace(
+    out: Path, tensors: dict[str, torch.Tensor], manifest: Manifest, recipe_yaml: str | None
+) -> None:
     remove_torn(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -130,7 +182,6 @@ def _write(
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp / name, default_file_mode())
-        out.mkdir(exist_ok=True)
         for name in EXPORT_FILES:
             os.replace(tmp / name, out / name)
     finally:

@@ -9,8 +9,10 @@ token map).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -42,6 +44,7 @@ from sparsekit.timeline import Timeline
 from sparsekit.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sparsekit.train.data import DataBundle, build_data
 from sparsekit.train.distributed import ShardedBatchSampler, join, leave, sum_over_ranks
+from sparsekit.train.run_claim import claim_run_folder
 
 
 @dataclass
@@ -64,13 +67,19 @@ class RunConfig:
 
 
 def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dict[str, Any]:
-    """Train `run.model` under `recipe`; return the summary that is also written to disk."""
-    console = console or Console(stderr=True)
-    cfg = recipe.training
+    """Train `run.model` under `recipe`; return the summary that is also written to disk.
+    The process that writes the run folder (rank 0) owns it for the whole run."""
     out = run.output or Path("runs") / f"{recipe.name}-{run.model}"
     _check_output(out, run.resume)
     if run.stop_after_epoch is not None and run.stop_after_epoch < 1:
         raise SparsekitError(f"--stop-after-epoch must be 1 or more, got {run.stop_after_epoch}.")
+    writes = int(os.environ.get("RANK", "0")) == 0  # rank 0 writes the run folder
+    with claim_run_folder(out) if writes else contextlib.nullcontext():
+        return _train(recipe, run, out, console or Console(stderr=True))
+
+
+def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[str, Any]:
+    cfg = recipe.training
     ranks, device = join(_pick_device(run.device))
     if not ranks.main:
         console = Console(quiet=True)  # rank 0 speaks and writes for the run

@@ -1,0 +1,77 @@
+"""A run folder belongs to the sparsekit run that made it, and to one writing process at a time.
+
+A folder becomes a run folder when `sparsekit apply` creates it (or finds it new or empty) and
+writes the marker file `.sparsekit-run` into it; a folder that holds anything else is the
+user's and is refused untouched. While a process trains, it holds an exclusive `flock` on the
+marker, so a second `sparsekit apply` on the same `--output` is refused instead of
+interleaving its metrics and recipe with the first run's. The kernel drops the lock when the
+process ends, however it ends (SIGKILL and power loss included), so a crashed run never leaves
+a folder blocked: there is no stale lock file to detect or clean.
+
+Run folders written before the marker existed (with `run.json` and `checkpoint.pt`) are
+recognised as sparsekit's and get the marker when claimed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sparsekit.errors import SparsekitError
+
+MARKER = ".sparsekit-run"
+_CONTENT = b"sparsekit run folder: written by `sparsekit apply`; locked while a run trains.\n"
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether sparsekit made this folder as a run folder (marker, or an older run's files)."""
+    return (folder / MARKER).is_file() or (
+        (folder / "run.json").is_file() and (folder / "checkpoint.pt").is_file()
+    )
+
+
+@contextmanager
+def claim_run_folder(folder: Path) -> Iterator[None]:
+    """Own `folder` as a run folder for the duration of the block: create it (or take a new or
+    empty one, or a sparsekit run folder), mark it, and hold its lock.
+
+    Raises:
+        SparsekitError: the path is a file, the folder holds files sparsekit did not write, or
+            another process is writing this run folder now.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise SparsekitError(
+            f"--output {folder} is a file, not a folder; give a folder for the run "
+            "(new, empty, or one that sparsekit apply created)."
+        )
+    if folder.is_dir() and any(folder.iterdir()) and not is_run_folder(folder):
+        raise SparsekitError(
+            f"--output {folder} already holds files that sparsekit did not write (it has no "
+            f"{MARKER} marker), so it is not a run folder; nothing in it was touched. Give a new "
+            "or empty folder for the run."
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise SparsekitError(
+            f"--output {folder}: cannot create the run folder there ({err.strerror}); give a "
+            "folder you can write."
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SparsekitError(
+                f"--output {folder} is in use: another sparsekit process is writing this run "
+                "folder now. Wait for it to finish (then continue it with --resume if it "
+                "stopped early), or give another --output folder."
+            ) from None
+        if os.fstat(fd).st_size == 0:
+            os.write(fd, _CONTENT)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
