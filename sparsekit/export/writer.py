@@ -9,13 +9,10 @@ interrupted export never leaves a half-written file.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ from torch import nn
 
 from sparsekit.atomic import default_file_mode, remove_torn
 from sparsekit.errors import SparsekitError
+from sparsekit.exclusive import exclusive
 from sparsekit.export.manifest import (
     FORMAT_VERSION,
     METADATA_KEY,
@@ -149,23 +147,14 @@ def _write(
         raise
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold an exclusive `flock` on the export folder itself while it is written: a second
-    writer is refused instead of deleting the first one's temporary files. The kernel drops the
-    lock when the process ends, however it ends, so a killed export never blocks the folder."""
-    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SparsekitError(
-                f"{out} is in use: another sparsekit process is exporting into it now. Wait for "
-                "it to finish, or give -o another folder."
-            ) from None
-        yield
-    finally:
-        os.close(fd)
+def _exclusive(out: Path):
+    """The export folder itself, locked while it is written: a second writer is refused
+    instead of deleting the first one's temporary files."""
+    return exclusive(
+        os.open(out, os.O_RDONLY | os.O_DIRECTORY),
+        f"{out} is in use: another sparsekit process is exporting into it now. Wait for it to "
+        "finish, or give -o another folder.",
+    )
 
 
 def _replace(

@@ -2,11 +2,10 @@
 
 A folder becomes a run folder when `sparsekit apply` creates it (or finds it new or empty) and
 writes the marker file `.sparsekit-run` into it; a folder that holds anything else is the
-user's and is refused untouched. While a process trains, it holds an exclusive `flock` on the
-marker, so a second `sparsekit apply` on the same `--output` is refused instead of
-interleaving its metrics and recipe with the first run's. The kernel drops the lock when the
-process ends, however it ends (SIGKILL and power loss included), so a crashed run never leaves
-a folder blocked: there is no stale lock file to detect or clean.
+user's and is refused untouched. While a process trains, it holds an exclusive lock on the
+marker (`sparsekit.exclusive`), so a second `sparsekit apply` on the same `--output` is refused
+instead of interleaving its metrics and recipe with the first run's; a crashed run never leaves
+the folder blocked.
 
 Run folders written before the marker existed (with `run.json` and `checkpoint.pt`) are
 recognised as sparsekit's and get the marker when claimed.
@@ -14,13 +13,13 @@ recognised as sparsekit's and get the marker when claimed.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sparsekit.errors import SparsekitError
+from sparsekit.exclusive import exclusive
 
 MARKER = ".sparsekit-run"
 _CONTENT = b"sparsekit run folder: written by `sparsekit apply`; locked while a run trains.\n"
@@ -61,17 +60,12 @@ def claim_run_folder(folder: Path) -> Iterator[None]:
             f"--output {folder}: cannot create the run folder there ({err.strerror}); give a "
             "folder you can write."
         ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SparsekitError(
-                f"--output {folder} is in use: another sparsekit process is writing this run "
-                "folder now. Wait for it to finish (then continue it with --resume if it "
-                "stopped early), or give another --output folder."
-            ) from None
+    busy = (
+        f"--output {folder} is in use: another sparsekit process is writing this run folder "
+        "now. Wait for it to finish (then continue it with --resume if it stopped early), or "
+        "give another --output folder."
+    )
+    with exclusive(fd, busy):
         if os.fstat(fd).st_size == 0:
             os.write(fd, _CONTENT)
         yield
-    finally:
-        os.close(fd)  # closing drops the lock
