@@ -33,6 +33,7 @@ _MATURE = 1e-7
 class _Regrown:
     index: torch.Tensor  # flat positions in the parameter
     born: torch.Tensor  # per position, the parameter's step count when it restarted (int64)
+    oldest: int  # born.min(), kept on the host: no device sync on every step
 
 
 class OptimizerRestarts:
@@ -75,11 +76,16 @@ class OptimizerRestarts:
         if "step" not in state:  # no step taken yet: the optimizer itself starts fresh
             return
         index = where.reshape(-1).nonzero().flatten().to(param.device)
-        born = torch.full_like(index, _count(state["step"]))
+        now = _count(state["step"])
+        born = torch.full_like(index, now)
         old = self._regrown.get(param)
         if old is not None:
-            index, born = torch.cat([old.index, index]), torch.cat([old.born, born])
-        self._regrown[param] = _Regrown(index, born)
+            index, born, now = (
+                torch.cat([old.index, index]),
+                torch.cat([old.born, born]),
+                old.oldest,
+            )
+        self._regrown[param] = _Regrown(index, born, now)
 
     def _keep(self, param: torch.Tensor, stay: torch.Tensor) -> None:
         regrown = self._regrown[param]
@@ -88,7 +94,8 @@ class OptimizerRestarts:
         if not bool(stay.any()):
             del self._regrown[param]
             return
-        self._regrown[param] = _Regrown(regrown.index[stay], regrown.born[stay])
+        born = regrown.born[stay]
+        self._regrown[param] = _Regrown(regrown.index[stay], born, int(born.min()))
 
     # --- around every optimizer step -------------------------------------------------------
     @torch.no_grad()
@@ -132,7 +139,7 @@ class OptimizerRestarts:
             denom = v.div_(fix2).sqrt_().add_(eps)
             old.sub_(m.div_(fix1).div_(denom).mul_(lr))
             param.detach().view(-1).index_copy_(0, index, old)
-            if max(b1, b2) ** (step - int(regrown.born.min())) < _MATURE:
+            if max(b1, b2) ** (step - regrown.oldest) < _MATURE:
                 self._keep(param, max(b1, b2) ** (step - regrown.born).double() >= _MATURE)
 
     # --- resume ----------------------------------------------------------------------------
@@ -154,9 +161,9 @@ class OptimizerRestarts:
         params = self._params()
         for entry in state:
             param = params[int(entry["param"])]
+            born = entry["born"].to(param.device, torch.long)
             self._regrown[param] = _Regrown(
-                entry["index"].to(param.device, torch.long),
-                entry["born"].to(param.device, torch.long),
+                entry["index"].to(param.device, torch.long), born, int(born.min())
             )
 
     def _params(self) -> list[torch.Tensor]:
