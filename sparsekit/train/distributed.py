@@ -34,6 +34,12 @@ class Ranks:
         return self.rank == 0
 
 
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 of the run torchrun describes in the environment (or a
+    plain single process), known before the process group is joined."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def join(device: torch.device) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT), or return a single-process `Ranks`. NCCL on CUDA, gloo on

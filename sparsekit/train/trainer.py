@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -43,7 +42,13 @@ from sparsekit.surgery.global_noise import GlobalBatchNoise
 from sparsekit.timeline import Timeline
 from sparsekit.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sparsekit.train.data import DataBundle, build_data
-from sparsekit.train.distributed import ShardedBatchSampler, join, leave, sum_over_ranks
+from sparsekit.train.distributed import (
+    ShardedBatchSampler,
+    join,
+    launched_as_main,
+    leave,
+    sum_over_ranks,
+)
 from sparsekit.train.run_claim import claim_run_folder
 
 
@@ -73,8 +78,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     _check_output(out, run.resume)
     if run.stop_after_epoch is not None and run.stop_after_epoch < 1:
         raise SparsekitError(f"--stop-after-epoch must be 1 or more, got {run.stop_after_epoch}.")
-    writes = int(os.environ.get("RANK", "0")) == 0  # rank 0 writes the run folder
-    with claim_run_folder(out) if writes else contextlib.nullcontext():
+    with claim_run_folder(out) if launched_as_main() else contextlib.nullcontext():
         return _train(recipe, run, out, console or Console(stderr=True))
 
 
