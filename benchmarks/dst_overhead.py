@@ -27,7 +27,8 @@ from sparsekit import Session
 from sparsekit.models import create_model
 from sparsekit.recipe import Recipe, load_recipe
 from sparsekit.train.data import build_data
-from sparsekit.train.trainer import RunConfig, make_optimizer, model_spec, read_metrics, train
+from sparsekit.train.run_folder import read_metrics
+from sparsekit.train.trainer import RunConfig, make_optimizer, model_spec, train
 
 ROOT = Path(__file__).parents[1]
 

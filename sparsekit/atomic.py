@@ -42,8 +42,22 @@ def remove_torn(path: Path) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write `text` to `path` atomically.
+
+    Raises:
+        SparsekitError: the file cannot be written there (a full disk, no permission, or a
+            folder in the file's place); whatever was there before is untouched.
+    """
+    from sparsekit.errors import SparsekitError
+
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise SparsekitError(
+            f"cannot write {path} ({err.strerror or err}); what was there is untouched. Free disk "
+            "space, fix the folder's permissions, or move what is in the file's place."
+        ) from None
 
 
 def default_file_mode() -> int:

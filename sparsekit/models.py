@@ -1,8 +1,10 @@
-"""Build the timm model a run trains: name resolution, local weights, and offline-safe errors."""
+"""Build the timm model a run trains: name resolution, bounds on what a model spec may ask for,
+local weights, and offline-safe errors."""
 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,48 @@ from sparsekit.errors import SparsekitError
 
 # timm modules whose models are (subclasses of) timm's VisionTransformer.
 SUPPORTED_FAMILIES = {"timm.models.vision_transformer", "timm.models.deit"}
+
+# Keyword arguments of timm.create_model / build_model_with_cfg that are not the architecture:
+# they open files, download, wrap the model or place it on a device or dtype. Weights come from
+# --checkpoint / --pretrained; the trainer picks the device.
+DENIED_MODEL_ARGS = frozenset(
+    {
+        "pretrained",
+        "pretrained_cfg",
+        "pretrained_cfg_overlay",
+        "pretrained_strict",
+        "pretrained_filter_fn",
+        "pretrained_model_args",
+        "checkpoint_path",
+        "cache_dir",
+        "device",
+        "dtype",
+        "features_only",
+        "out_indices",
+        "feature_cfg",
+        "feature_cls",
+        "model_cfg",
+        "kwargs_filter",
+        "pruned",
+    }
+)
+# Inclusive bounds on the size arguments of a ViT: larger than any timm ViT, small enough that
+# nothing is allocated for an absurd request. img_size and patch_size bound each side.
+MODEL_ARG_BOUNDS: dict[str, tuple[int, int]] = {
+    "depth": (1, 256),
+    "embed_dim": (1, 16384),
+    "num_heads": (1, 1024),
+    "img_size": (1, 8192),
+    "patch_size": (1, 1024),
+    "num_classes": (0, 1_000_000),
+    "in_chans": (1, 1024),
+    "reg_tokens": (0, 1024),
+}
+MAX_MLP_RATIO = 64.0
+MAX_PARAMS = 4_000_000_000  # the largest timm ViT has 2.7e9
+MAX_MODEL_ARGS = 64
+MAX_STR_LEN = 256
+MAX_LIST_LEN = 16
 
 
 @dataclass(frozen=True)
@@ -27,6 +71,11 @@ def _vit_names() -> list[str]:
     import timm
 
     return sorted(set(timm.list_models("vit_*") + timm.list_models("deit*")))
+
+
+def _closest(name: str) -> str:
+    close = difflib.get_close_matches(name, _vit_names(), n=5, cutoff=0.5)
+    return f" Closest timm ViTs: {', '.join(close)}." if close else ""
 
 
 def resolve_model_name(name: str) -> str:
@@ -44,38 +93,193 @@ def resolve_model_name(name: str) -> str:
     for suffix in ("_patch16_224", "_patch16_224.fb_in1k"):
         if name + suffix in known:
             return name + suffix
-    close = difflib.get_close_matches(name, _vit_names(), n=5, cutoff=0.5)
-    hint = f" Closest timm ViTs: {', '.join(close)}." if close else ""
     raise SparsekitError(
-        f"unknown model {name!r}.{hint} Short names deit_tiny, deit_small, deit_base (and any "
-        "timm name with its '_patch16_224' left off) also work; `timm.list_models('vit_*')` "
-        "lists the rest."
+        f"unknown model {name!r}.{_closest(name)} Short names deit_tiny, deit_small, deit_base "
+        "(and any timm name with its '_patch16_224' left off) also work; "
+        "`timm.list_models('vit_*')` lists the rest."
     )
 
 
-def create_model(
-    spec: ModelSpec, pretrained: bool = False, checkpoint: str | Path | None = None
-) -> nn.Module:
-    """Build `spec` with timm, then load timm weights (`pretrained`) or a local safetensors file.
+def check_spec(spec: ModelSpec) -> int:
+    """Refuse a model spec sparsekit should not build, before any weight is allocated, and
+    return its parameter count. Every spec `create_model` builds goes through it: the trainer's
+    (--model-arg), a run folder's and an export manifest's.
+
+    Checked in order: the name is a timm model of the VisionTransformer family; no keyword
+    argument opens files, downloads or picks a device or dtype (`DENIED_MODEL_ARGS`); values are
+    JSON-like scalars or flat lists of them; sizes are within `MODEL_ARG_BOUNDS` and the patch
+    fits the image; timm accepts the arguments and builds a model sparsekit supports (on the meta
+    device, which allocates nothing); and the model has at most `MAX_PARAMS` parameters.
 
     Raises:
-        SparsekitError: weights cannot be fetched (offline), or the checkpoint does not fit.
+        SparsekitError: what is refused and how to fix it.
     """
-    import timm
-    from timm.models import model_entrypoint
-
     from sparsekit.surgery.targets import check_supported
 
-    family = model_entrypoint(spec.name).__module__
+    _check_name(spec.name)
+    _check_kwargs(spec)
+    model = _build(spec, meta=True)
+    check_supported(model)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and min(grid) < 1:
+        image, patch = tuple(model.patch_embed.img_size), tuple(model.patch_embed.patch_size)
+        raise SparsekitError(
+            f"{spec.name} with {_args(spec.kwargs)} has images of {_size(image)} px but patches "
+            f"of {_size(patch)} px: an image holds no whole patch. Give an img_size of at least "
+            f"the patch size (--img-size), or a smaller patch_size (--patch-size)."
+        )
+    params = sum(p.numel() for p in model.parameters())
+    if params > MAX_PARAMS:
+        raise SparsekitError(
+            f"{spec.name} with {_args(spec.kwargs)} would have {params:,} parameters, more than "
+            f"sparsekit builds ({MAX_PARAMS:,}; the largest timm ViT has 2.7e9); nothing was "
+            "allocated. Lower depth, embed_dim, img_size or num_classes."
+        )
+    return params
+
+
+def _check_name(name: Any) -> None:
+    from timm.models import model_entrypoint
+
+    if not isinstance(name, str) or not name or len(name) > MAX_STR_LEN:
+        raise SparsekitError(
+            f"model name {str(name)[:80]!r} is not a timm model name; give one such as "
+            "deit_small_patch16_224 (`timm.list_models('vit_*')` lists them)."
+        )
+    try:
+        family = model_entrypoint(name).__module__
+    except (KeyError, RuntimeError, ValueError):
+        raise SparsekitError(
+            f"unknown model {name!r}: timm has no model of that name.{_closest(name)} "
+            "`timm.list_models('vit_*')` and `timm.list_models('deit*')` list the models "
+            "sparsekit supports."
+        ) from None
     if family not in SUPPORTED_FAMILIES:
         raise SparsekitError(
-            f"{spec.name} is not supported: it is built by {family}, and sparsekit finds its "
+            f"{name} is not supported: it is built by {family}, and sparsekit finds its "
             "targets in timm's VisionTransformer family (vit_*, deit_*, deit3_*). Pick a model "
             "from `timm.list_models('vit_*')` or `timm.list_models('deit*')`."
         )
+
+
+def _check_kwargs(spec: ModelSpec) -> None:
+    kwargs = spec.kwargs
+    if not isinstance(kwargs, dict):
+        raise SparsekitError(
+            f"the model arguments of {spec.name} are a {type(kwargs).__name__}, not a mapping of "
+            "argument names to values; give them as KEY=VALUE (--model-arg depth=6)."
+        )
+    if len(kwargs) > MAX_MODEL_ARGS:
+        raise SparsekitError(
+            f"{spec.name} is given {len(kwargs)} model arguments; a ViT takes at most "
+            f"{MAX_MODEL_ARGS}. Give only the arguments that differ from the model's defaults."
+        )
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier() or len(key) > MAX_STR_LEN:
+            raise SparsekitError(
+                f"model argument {str(key)[:80]!r} of {spec.name} is not an argument name; give "
+                "timm keyword arguments such as depth or qk_norm."
+            )
+        if key in DENIED_MODEL_ARGS:
+            raise SparsekitError(
+                f"{key!r} (given for {spec.name}) is not a model argument sparsekit passes to "
+                "timm: a model spec describes the architecture only, and never opens files, "
+                "downloads, or picks a device or dtype. Remove it; load weights with --checkpoint "
+                "FILE.safetensors (or timm's with --pretrained), and choose the device with "
+                "--device."
+            )
+        _check_value(spec.name, key, value)
+        if key in MODEL_ARG_BOUNDS and value is not None:
+            _check_bound(spec.name, key, value)
+    image, patch = _pair(kwargs.get("img_size")), _pair(kwargs.get("patch_size"))
+    if image and patch and any(p > i for i, p in zip(image, patch, strict=True)):
+        raise SparsekitError(
+            f"{spec.name}: patch_size {_size(patch)} is larger than img_size {_size(image)}, "
+            "so an image holds no whole patch. Give an img_size of at least the patch size "
+            "(--img-size), or a smaller patch_size (--patch-size)."
+        )
+    ratio = kwargs.get("mlp_ratio")
+    if ratio is not None and (
+        isinstance(ratio, bool)
+        or not isinstance(ratio, int | float)
+        or not 0 < ratio <= MAX_MLP_RATIO
+    ):
+        raise SparsekitError(
+            f"mlp_ratio {ratio!r} for {spec.name} is out of bounds: give a number above 0 and at "
+            f"most {MAX_MLP_RATIO:g} (the MLP width is embed_dim x mlp_ratio; 4 is usual)."
+        )
+
+
+def _check_value(name: str, key: str, value: Any) -> None:
+    items = value if isinstance(value, list | tuple) else [value]
+    ok = len(items) <= MAX_LIST_LEN and all(_is_scalar(v) for v in items)
+    if not ok:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise SparsekitError(
+            f"model argument {key}={shown} of {name} is not a plain value: model arguments are "
+            f"numbers, booleans, null, strings of at most {MAX_STR_LEN} characters, or flat "
+            f"lists of at most {MAX_LIST_LEN} of them (img_size: [32, 32]). Objects, nested lists, "
+            "NaN and infinity are refused."
+        )
+
+
+def _is_scalar(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str) and len(value) <= MAX_STR_LEN
+
+
+def _check_bound(name: str, key: str, value: Any) -> None:
+    low, high = MODEL_ARG_BOUNDS[key]
+    sides = _pair(value) if key in ("img_size", "patch_size") else None
+    if sides is None:
+        sides = (value,) if isinstance(value, int) and not isinstance(value, bool) else None
+    if sides is None or not all(low <= s <= high for s in sides):
+        pair = " (or a pair of them, [height, width])" if key in ("img_size", "patch_size") else ""
+        raise SparsekitError(
+            f"model argument {key}={value!r} of {name} is out of bounds: give an integer from "
+            f"{low} to {high}{pair}. The bounds are above any timm ViT; larger values are refused "
+            "before any memory is allocated."
+        )
+
+
+def _pair(value: Any) -> tuple[int, ...] | None:
+    """An image or patch size as (height, width) of ints, or None if it is not one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return tuple(value)
+    return None
+
+
+def _size(pair: tuple[int, ...]) -> str:
+    return str(pair[0]) if len(set(pair)) == 1 else "x".join(str(s) for s in pair)
+
+
+def _args(kwargs: dict[str, Any]) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its default arguments"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _build(spec: ModelSpec, meta: bool = False, pretrained: bool = False) -> nn.Module:
+    """timm's model for `spec`: on the meta device (shapes only, nothing allocated) or for real,
+    with timm's refusals of the arguments as SparsekitError."""
+    import timm
+    import torch
+
     try:
-        model = timm.create_model(spec.name, pretrained=pretrained, **spec.kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
+        if meta:
+            with torch.device("meta"):
+                return timm.create_model(spec.name, pretrained=False, **spec.kwargs)
+        return timm.create_model(spec.name, pretrained=pretrained, **spec.kwargs)
+    except Exception as err:
         if pretrained:
             raise SparsekitError(
                 f"cannot load pretrained weights for {spec.name}: {_first_line(err)}. This machine "
@@ -83,12 +287,27 @@ def create_model(
                 "--checkpoint FILE.safetensors instead of --pretrained."
             ) from None
         raise SparsekitError(
-            f"cannot build {spec.name} with {spec.kwargs}: {_first_line(err)}"
+            f"timm cannot build {spec.name} with {_args(spec.kwargs)}: "
+            f"{type(err).__name__}: {_first_line(err)}. Change or remove these model arguments "
+            "(for example embed_dim must be a multiple of num_heads, and act_layer a timm "
+            "activation name such as gelu)."
         ) from None
-    except TypeError as err:
-        raise SparsekitError(
-            f"{spec.name} does not accept these settings {spec.kwargs}: {_first_line(err)}"
-        ) from None
+
+
+def create_model(
+    spec: ModelSpec, pretrained: bool = False, checkpoint: str | Path | None = None
+) -> nn.Module:
+    """Check `spec` (`check_spec`), build it with timm, then load timm weights (`pretrained`)
+    or a local safetensors file.
+
+    Raises:
+        SparsekitError: a refused spec, weights cannot be fetched (offline), or the checkpoint
+            does not fit.
+    """
+    from sparsekit.surgery.targets import check_supported
+
+    check_spec(spec)
+    model = _build(spec, pretrained=pretrained)
     check_supported(model)
     if checkpoint is not None:
         load_weights(model, Path(checkpoint))

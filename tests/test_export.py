@@ -1,5 +1,6 @@
 """Export and load: compacted == masked, on real runs and across the timm ViT family; corrupt,
-tampered and foreign files refused; interrupted exports leave nothing half-written."""
+tampered (tensors or manifest) and foreign files refused, and manifests held to the model
+bounds even with a recomputed hash; interrupted exports leave nothing half-written."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from sparsekit.cli.main import app
 from sparsekit.compiler import compile_recipe
 from sparsekit.errors import SparsekitError
 from sparsekit.export import export_model, export_run, load_compact, read_export
+from sparsekit.export.manifest import FORMAT_VERSION, Manifest, export_sha256, tensors_sha256
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.recipe import dump_recipe
 from sparsekit.surgery.compact import unit_groups
+from sparsekit.surgery.tokens import Placement, TokenSelection
 from sparsekit.timeline import Timeline
 from sparsekit.train.run_folder import open_run
 from sparsekit.train.trainer import RunConfig, train
@@ -265,3 +268,139 @@ def test_cli_export_and_inspect(run_dir: Path, tmp_path) -> None:
 def test_recipe_round_trips_into_the_export(run_dir: Path) -> None:
     run = open_run(run_dir)
     assert run.recipe_yaml == dump_recipe(run.recipe)
+
+
+# The manifest is under the hash, and what it may ask timm to build is bounded.
+
+
+def tiny_export(tmp_path: Path) -> Path:
+    """An untrained export with a token selector: enough for tests of the file itself."""
+    spec = ModelSpec("vit_tiny_patch16_224", SMALL)
+    placements = [Placement(1, 0.5)]
+    torch.manual_seed(0)
+    model = create_model(spec)
+    TokenSelection(model, placements)
+    export_model(spec, model.state_dict(), tmp_path / "tiny", placements=placements)
+    return tmp_path / "tiny" / "model.safetensors"
+
+
+def rewrite(file: Path, edit, rehash: bool = False, indent: int | None = None) -> Path:
+    """`file` saved again with the same tensors and its manifest edited by `edit(record)`;
+    with `rehash`, its sha256 recomputed, as someone who knows the format could."""
+    manifest, tensors = read_export(file)
+    record = manifest.model_dump(mode="json")
+    edit(record)
+    if rehash:
+        record["sha256"] = export_sha256(Manifest.model_validate(record), tensors)
+    out = file.parent / "edited.safetensors"
+    save_file(tensors, out, {"sparsekit": json.dumps(record, indent=indent)})
+    return out
+
+
+def _set(*path_and_value):
+    *path, key, value = path_and_value
+
+    def edit(record: dict) -> None:
+        for part in path:
+            record = record[part]
+        record[key] = value
+
+    return edit
+
+
+METADATA_EDITS = {
+    "act_layer": _set("model_kwargs", "act_layer", "relu"),
+    "keep_ratio": _set("token_selection", 0, "keep_ratio", 0.25),
+    "heads": _set("blocks", 0, "heads", 1),
+    "model": _set("model", "deit_tiny_patch16_224"),
+    "recipe": _set("recipe_sha256", "0" * 64),
+}
+
+
+@pytest.mark.parametrize("edit", list(METADATA_EDITS.values()), ids=list(METADATA_EDITS))
+def test_editing_the_manifest_alone_is_detected(edit, tmp_path) -> None:
+    edited = rewrite(tiny_export(tmp_path), edit)
+    with pytest.raises(SparsekitError, match="manifest or tensors do not match the hash"):
+        load_compact(edited)
+    with pytest.raises(SparsekitError, match="modified or damaged after export"):
+        read_export(edited)
+
+
+def test_the_hash_ignores_layout_and_config_json(tmp_path) -> None:
+    file = tiny_export(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = load_compact(file)(x)
+        relaid = rewrite(file, lambda record: None, indent=4)  # same content, other whitespace
+        assert torch.equal(load_compact(relaid)(x), expected)
+        (file.parent / "config.json").write_text('{"model": "nope_model"}')  # for people only
+        assert torch.equal(load_compact(file.parent)(x), expected)
+    manifest, _ = read_export(file)
+    assert manifest.format_version == FORMAT_VERSION == 2
+    assert json.loads((file.parent / "recipe.yaml").read_text() or "null") is None
+
+
+def test_format_1_export_is_refused_by_name(tmp_path) -> None:
+    manifest, tensors = read_export(tiny_export(tmp_path))
+    record = manifest.model_dump(mode="json")
+    del record["sha256"]
+    record.update(format_version=1, tensors_sha256=tensors_sha256(tensors))
+    save_file(tensors, tmp_path / "old.safetensors", {"sparsekit": json.dumps(record)})
+    with pytest.raises(SparsekitError, match="is export format 1; this sparsekit reads format 2"):
+        load_compact(tmp_path / "old.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("pretrained", True),
+        ("pretrained_cfg", "augreg_in21k"),
+        ("checkpoint_path", "/etc/passwd"),
+        ("cache_dir", "/tmp/cache"),
+        ("device", "meta"),
+        ("dtype", "float16"),
+        ("features_only", True),
+        ("pretrained_strict", False),
+    ],
+)
+def test_a_rehashed_manifest_cannot_open_files_or_pick_devices(key, value, tmp_path) -> None:
+    edited = rewrite(tiny_export(tmp_path), _set("model_kwargs", key, value), rehash=True)
+    read_export(edited)  # the hash is right: the bounds refuse it, not the hash
+    with pytest.raises(SparsekitError, match="not a model argument sparsekit passes to timm"):
+        load_compact(edited)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set("model_kwargs", "depth", 10**6), "depth=1000000 .* out of bounds"),
+        (_set("model_kwargs", "embed_dim", 10**6), "embed_dim=1000000 .* out of bounds"),
+        (_set("model_kwargs", "act_layer", "nope"), "act_layer='nope'"),
+        (_set("model_kwargs", "act_layer", {"class": "os.system"}), "not a plain value"),
+        (_set("model_kwargs", "img_size", 4), "patch_size 8 is larger than img_size 4"),
+        (_set("model", "nope_model"), "unknown model 'nope_model'"),
+        (_set("model", "resnet18"), "resnet18 is not supported"),
+        (_set("model_kwargs", "depth", 3), "lists 2 blocks but .* has 3"),
+    ],
+    ids=["depth", "embed_dim", "act_layer", "object", "patch", "unknown", "resnet", "blocks"],
+)
+def test_a_rehashed_manifest_is_held_to_the_model_bounds(edit, message, tmp_path) -> None:
+    edited = rewrite(tiny_export(tmp_path), edit, rehash=True)
+    read_export(edited)
+    with pytest.raises(SparsekitError, match=message) as info:
+        load_compact(edited)
+    assert str(edited) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _set("blocks", [{"heads": 3, "head_dim": 64, "mlp_hidden": 768}] * 300),
+        _set("blocks", 0, "heads", 5000),
+        _set("token_selection", 0, "before_block", 10**9),
+    ],
+    ids=["300 blocks", "5000 heads", "selector far away"],
+)
+def test_absurd_block_shapes_are_a_malformed_manifest(edit, tmp_path) -> None:
+    with pytest.raises(SparsekitError, match="manifest is malformed"):
+        load_compact(rewrite(tiny_export(tmp_path), edit))

@@ -162,3 +162,45 @@ def test_token_map_names_the_patches_each_selector_keeps() -> None:
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path), "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and "no metrics.jsonl" in result.output
+
+
+def test_report_replaces_only_an_earlier_report(
+    report: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """-o follows the export's rule: a folder of the user's files is refused untouched; an
+    earlier sparsekit report is replaced, its stale plots removed."""
+    runs = [str(report[0].parent / name) for name in report[1]]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("<html>my own page</html>")
+    (mine / "plot.png").write_bytes(b"mine")
+    result = CliRunner().invoke(app, ["report", *runs, "-o", str(mine)])
+    assert result.exit_code == 1 and "not an earlier sparsekit report" in result.output
+    assert (mine / "index.html").read_text() == "<html>my own page</html>"
+    assert sorted(p.name for p in mine.iterdir()) == ["index.html", "plot.png"]
+
+    again = tmp_path / "again"
+    shutil.copytree(report[0], again)
+    (again / "heads-old-run.png").write_bytes(b"a plot of a run no longer reported")
+    result = CliRunner().invoke(app, ["report", runs[1], "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    assert not (again / "heads-old-run.png").exists()
+    assert not (again / "heads-sparse.png").exists()  # only the dense run now
+
+
+def test_report_refuses_damaged_run_files_by_name(
+    report: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(report[0].parent / "sparse", run)
+    (run / "summary.json").write_text('{"model": "x", "val_acc": "high"}')
+    result = CliRunner().invoke(app, ["report", str(run), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "summary.json is damaged or was edited" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+    (run / "summary.json").unlink()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"event": "mask_update", "epoch": 2, "heads": {"blocks.0.attn": [99999999]}}\n')
+    result = CliRunner().invoke(app, ["report", str(run), "-o", str(tmp_path / "out")])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "metrics.jsonl is damaged" in message and "line" in message

@@ -202,6 +202,6 @@ def test_a_failed_export_into_a_new_folder_leaves_no_folder(tmp_path: Path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writer, "_replace", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(SparsekitError, match="No space left on device"):
         _export(tmp_path / "new")
     assert not (tmp_path / "new").exists()

@@ -18,8 +18,8 @@ from sparsekit.models import create_model
 from sparsekit.modifiers.token_select import TokenSelect
 from sparsekit.surgery.tokens import Placement, TokenSelection, kept_count
 from sparsekit.timeline import Timeline
-from sparsekit.train.run_folder import open_run
-from sparsekit.train.trainer import RunConfig, read_metrics, train
+from sparsekit.train.run_folder import open_run, read_metrics
+from sparsekit.train.trainer import RunConfig, train
 
 TWO_STAGES = [Placement(0, 0.75), Placement(1, 0.5)]
 

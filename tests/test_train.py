@@ -234,7 +234,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
             return super().forward(logits, labels) * float("nan")
 
     monkeypatch.setattr(trainer.nn, "CrossEntropyLoss", Exploding)
-    with pytest.raises(SparsekitError, match="the loss became nan at step .* --resume"):
+    with pytest.raises(
+        SparsekitError, match="the loss became nan at step .* checkpoint of epoch 1"
+    ):
         run(tmp_path, "nan", resume=True)
     assert load_checkpoint(tmp_path / "nan" / "checkpoint.pt")["epoch"] == 1
 
@@ -307,7 +309,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
     path = tmp_path / "other" / "checkpoint.pt"
     ckpt = load_checkpoint(path)
     ckpt["model"] = {"not.a.weight": torch.zeros(2)}  # written by something else entirely
-    del ckpt["format"], ckpt["model_sha256"]
+    del ckpt["format"]
     save_checkpoint(path, ckpt)
     with pytest.raises(SparsekitError, match="does not fit this run"):
         run(tmp_path, "other", resume=True)
@@ -323,3 +325,114 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path, monkeypatch) ->
     result = runner.invoke(app, ["apply", str(recipe), *TINY_RUN, "--output", str(tmp_path / "c")])
     assert result.exit_code == 130
     assert "--resume" in result.output and "Traceback" not in result.output
+
+
+def image_folder(root: Path, broken: bool = False) -> Path:
+    """train/ and val/ with one class of a few real PNGs (and one unreadable file)."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        folder = root / split / "cat"
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    if broken:
+        (root / "train" / "cat" / "broken.png").write_bytes(b"not a png at all")
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_in_the_first_epoch_does_not_advise_resume(
+    tmp_path: Path, workers: int
+) -> None:
+    """No checkpoint exists yet: the advice is to run again, and a worker's error reads the
+    same as the main process's (one paragraph, no worker traceback)."""
+    data = image_folder(tmp_path / "images", broken=True)
+    result = runner.invoke(
+        app,
+        ["apply", str(write_recipe(tmp_path)), "--model", "vit_tiny_patch16_224", "--model-arg",
+         "depth=1", "--data", str(data), "--img-size", "16", "--patch-size", "8",
+         "--batch-size", "2", "--workers", str(workers), "--output", str(tmp_path / "o")],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.output.split())
+    assert "cannot read the image" in message and "broken.png" in message
+    assert "run the same command again: no epoch has finished" in message
+    assert "--resume" not in message
+    assert "Traceback" not in message and "worker" not in message
+    assert message.count("error:") == 1
+
+
+def test_an_unreadable_image_after_a_checkpoint_advises_resume(tmp_path: Path) -> None:
+    data = image_folder(tmp_path / "images")
+    base = ["apply", str(write_recipe(tmp_path)), "--model", "vit_tiny_patch16_224",
+            "--model-arg", "depth=1", "--data", str(data), "--img-size", "16", "--patch-size",
+            "8", "--batch-size", "4", "--output", str(tmp_path / "o")]  # fmt: skip
+    assert runner.invoke(app, [*base, "--stop-after-epoch", "1"]).exit_code == 0
+    (data / "train" / "cat" / "0.png").write_bytes(b"damaged since")
+    result = runner.invoke(app, [*base, "--resume"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "0.png" in message, result.output
+    assert "continue with --resume: the run folder's checkpoint holds epoch 1" in message
+
+
+def test_a_non_finite_loss_at_the_first_step_does_not_point_to_a_checkpoint(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import sparsekit.train.trainer as trainer
+    from sparsekit.errors import SparsekitError
+
+    class Exploding(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, labels):
+            return super().forward(logits, labels) * float("nan")
+
+    monkeypatch.setattr(trainer.nn, "CrossEntropyLoss", Exploding)
+    with pytest.raises(SparsekitError) as err:
+        run(tmp_path, "first")
+    assert "at step 0 (epoch 1)" in str(err.value)
+    assert "no epoch has finished" in str(err.value) and "--resume" not in str(err.value)
+    assert "epoch 0" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--img-size", "0"], "greater than or equal to 1"),
+        (["--patch-size", "0"], "greater than or equal to 1"),
+        (["--img-size", "-3"], "greater than or equal to 1"),
+        (["--workers", "-1"], "greater than or equal to 0"),
+        (["--stop-after-epoch", "0"], "greater than or equal to 1"),
+        (["--device", "foo"], "--device 'foo'"),
+        (["--device", "meta"], "other device types are not supported"),
+        (["--device", "mps"], "other device types are not supported"),
+        (["--img-size", "16", "--patch-size", "32"], "larger than --img-size 16"),
+        (["--patch-size", "64"], "larger than the image size 32"),
+        (["--model-arg", "num_classes=0"], "the data decides it"),
+        (["--model-arg", "img_size=64"], "use --img-size"),
+        (["--workers", "1000000"], "at most 256"),
+        (["--set", "training.epochs=!!timestamp abc"], "not valid YAML"),
+        (["--output", "out\x00x"], "null byte"),  # click refuses it for a path
+        (["--model", "vit\x00"], "NUL character"),
+    ],
+)
+def test_options_that_can_never_work_are_usage_errors(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = runner.invoke(
+        app,
+        ["apply", str(write_recipe(tmp_path)), *TINY_RUN, "--output", str(tmp_path / "o"), *args],
+    )
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.replace("│", " ").split())  # click's box unwrapped
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()  # nothing was created for a run that never started
+
+
+def test_a_refused_model_leaves_no_run_folder(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["apply", str(write_recipe(tmp_path)), *TINY_RUN, "--model-arg", "embed_dim=7",
+         "--output", str(tmp_path / "o")],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "dim should be divisible by num_heads" in result.output
+    assert not (tmp_path / "o").exists()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
-import json
 import os
 import shutil
 import tempfile
@@ -51,19 +50,14 @@ def read_run(folder: Path) -> RunRecord:
     Raises:
         SparsekitError: the folder has no metrics.jsonl.
     """
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
+    from sparsekit.train.run_folder import read_metrics, read_summary
+
+    if not (folder / "metrics.jsonl").is_file():
         raise SparsekitError(
             f"{folder} has no metrics.jsonl: give run folders written by `sparsekit apply`."
         )
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash
-    summary_path = folder / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    records = read_metrics(folder)
+    summary = read_summary(folder) or {}
     run = RunRecord(
         folder.name,
         [r for r in records if r.get("event") == "epoch"],
@@ -114,13 +108,66 @@ def _measure(run: RunRecord, folder: Path) -> None:
         )
 
 
+GENERATOR = '<meta name="generator" content="sparsekit report">'
+
+
+def is_report(folder: Path) -> bool:
+    """Whether `folder` holds an earlier sparsekit report and nothing else: PNGs and an
+    index.html that says sparsekit wrote it."""
+    names = {p.name for p in folder.iterdir()}
+    if "index.html" not in names or any(
+        n != "index.html" and not n.endswith(".png") for n in names
+    ):
+        return False
+    with contextlib.suppress(OSError), open(folder / "index.html", encoding="utf-8") as f:
+        return GENERATOR in f.read(4096)
+    return False
+
+
 def write_report(folders: list[Path], out: Path) -> list[Path]:
-    """Plots and index.html for `folders` in `out`; returns the files written."""
+    """Plots and index.html for `folders` in `out`; returns the files written.
+
+    `out` must be new, empty, or an earlier sparsekit report (whose files are replaced); it
+    is locked while it is written.
+
+    Raises:
+        SparsekitError: `out` is a file or holds files sparsekit did not write, another
+            process is writing it, or a run folder is not one.
+    """
     import matplotlib
 
+    from sparsekit.exclusive import exclusive
+
+    if out.exists() and not out.is_dir():
+        raise SparsekitError(f"-o {out} is a file; give a folder for the report.")
+    if out.is_dir() and any(out.iterdir()) and not is_report(out):
+        raise SparsekitError(
+            f"-o {out} holds files that are not an earlier sparsekit report (only its "
+            "index.html and PNGs are replaced); nothing in it was touched. Give -o a new or "
+            "empty folder."
+        )
     matplotlib.use("Agg")
     runs = [read_run(Path(f)) for f in folders]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        raise SparsekitError(
+            f"-o {out}: cannot create the report folder ({err.strerror}); give a folder you "
+            "can write."
+        ) from None
+    busy = f"-o {out} is in use: another sparsekit report is being written there now."
+    try:
+        with exclusive(fd, busy):
+            return _write_files(runs, out)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # leave nothing behind that was not there
+        raise
+
+
+def _write_files(runs: list[RunRecord], out: Path) -> list[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         images = {"curves.png": _curves(runs), "sparsity.png": _sparsity(runs)}
@@ -134,7 +181,9 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
         for name, figure in images.items():
             figure.savefig(tmp / name, dpi=110, bbox_inches="tight")
         (tmp / "index.html").write_text(_page(runs, tmp, list(images)), encoding="utf-8")
-        out.mkdir(exist_ok=True)
+        for stale in out.glob("*.png"):  # an earlier report's plots of other runs
+            if stale.name not in images:
+                stale.unlink()
         written = []
         for name in [*images, "index.html"]:
             os.replace(tmp / name, out / name)
@@ -198,15 +247,15 @@ def _heads(run: RunRecord):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    snapshots = [e for e in run.events if "heads" in e]
+    snapshots = [e for e in run.events if e.get("heads")]
     if not snapshots:
         return None
-    blocks = sorted(snapshots[0]["heads"], key=lambda n: int(n.split(".")[1]))
+    blocks = sorted(snapshots[0]["heads"], key=_block_order)
     width = max(max(h, default=0) for s in snapshots for h in s["heads"].values()) + 1
     alive = np.zeros((len(blocks) * width, len(snapshots)))
     for column, snapshot in enumerate(snapshots):
         for row, block in enumerate(blocks):
-            for head in snapshot["heads"][block]:
+            for head in snapshot["heads"].get(block, []):
                 alive[row * width + head, column] = 1
     figure, axes = plt.subplots(figsize=(max(4, len(snapshots) * 0.25), 0.18 * len(alive) + 1))
     axes.imshow(alive, aspect="auto", cmap="Greens", interpolation="nearest", vmin=0, vmax=1)
@@ -214,6 +263,11 @@ def _heads(run: RunRecord):
     axes.set(title=f"{run.name}: alive heads (rows) at each update (columns)", xlabel="update")
     plt.close(figure)
     return figure
+
+
+def _block_order(name: str) -> list[Any]:
+    """`blocks.2.attn` before `blocks.10.attn`: numbers compared as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def _layers(run: RunRecord):
@@ -315,7 +369,8 @@ def _page(runs: list[RunRecord], folder: Path, images: list[str]) -> str:
         for name in images
     )
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>sparsekit report</title>"
+        f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR}"
+        "<title>sparsekit report</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;"
         "border-bottom:1px solid #ddd}img{max-width:100%}</style></head><body>"
         "<h1>sparsekit report</h1><table><tr><th>run</th><th>model</th><th>epochs</th>"

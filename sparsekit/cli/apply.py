@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 
 from sparsekit.cli.errors import reports_errors
-from sparsekit.errors import SparsekitError
-from sparsekit.recipe.load import load_recipe
+from sparsekit.errors import SparsekitError, UsageError
+from sparsekit.recipe.load import clip, load_recipe, parse_value
 
 
 def overrides_from(
@@ -35,13 +34,10 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip().isidentifier():
             raise SparsekitError(
-                f"--model-arg {item!r}: expected KEY=VALUE with a timm argument name, "
+                f"--model-arg {clip(item)!r}: expected KEY=VALUE with a timm argument name, "
                 "for example --model-arg depth=6 or --model-arg qk_norm=true."
             )
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+        out[key.strip()] = parse_value(raw, f"--model-arg {clip(item)}")
     return out
 
 
@@ -71,10 +67,12 @@ def apply(
     batch_size: BatchOption = None,
     lr: LrOption = None,
     img_size: Annotated[
-        int | None, typer.Option(help="Image size (default: the data's, 8 for digits).")
+        int | None,
+        typer.Option(min=1, help="Image size (default: the data's, 8 for digits)."),
     ] = None,
     patch_size: Annotated[
-        int | None, typer.Option(help="Patch size (default: the data's, 4 for digits).")
+        int | None,
+        typer.Option(min=1, help="Patch size (default: the data's, 4 for digits)."),
     ] = None,
     model_arg: Annotated[
         list[str] | None,
@@ -85,7 +83,7 @@ def apply(
         Path | None, typer.Option(help="Start from local weights (.safetensors).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Data loader worker processes.")] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Data loader worker processes.")] = 0,
     bad_images: Annotated[
         str,
         typer.Option(
@@ -96,14 +94,14 @@ def apply(
     resume: Annotated[bool, typer.Option(help="Continue the run in --output.")] = False,
     stop_after_epoch: Annotated[
         int | None,
-        typer.Option(help="Stop (checkpointed) after this epoch; continue with --resume."),
+        typer.Option(min=1, help="Stop (checkpointed) after this epoch; continue with --resume."),
     ] = None,
 ) -> None:
     """Train MODEL under RECIPE: dense warm-up and sparse phases as the recipe declares."""
     from sparsekit.train.trainer import RunConfig, train
 
     if bad_images not in ("refuse", "skip"):
-        raise SparsekitError(f"--bad-images {bad_images!r}: use 'refuse' or 'skip'.")
+        raise UsageError(f"--bad-images {bad_images!r}: use 'refuse' or 'skip'.")
     loaded = load_recipe(recipe, overrides_from(set_, epochs, batch_size, lr))
     run = RunConfig(
         model=model,

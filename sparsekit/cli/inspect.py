@@ -15,7 +15,7 @@ from rich.table import Table
 
 from sparsekit.cli.apply import SetOption
 from sparsekit.cli.errors import reports_errors
-from sparsekit.errors import SparsekitError
+from sparsekit.errors import SparsekitError, UsageError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,12 +34,6 @@ JSON_VERSION = 1
 class Convention(StrEnum):
     runtime = "runtime"
     paper = "paper"
-
-
-class InspectUsageError(SparsekitError):
-    """A wrong combination of arguments: exit code 2, like any usage error."""
-
-    exit_code = 2
 
 
 @reports_errors
@@ -61,13 +55,16 @@ def inspect(
     ] = None,
     set_: SetOption = None,
     img_size: Annotated[
-        int | None, typer.Option(help="With --model: image size (default: the model's own).")
+        int | None,
+        typer.Option(min=1, help="With --model: image size (default: the model's own)."),
     ] = None,
     patch_size: Annotated[
-        int | None, typer.Option(help="With --model: patch size (default: the model's own).")
+        int | None,
+        typer.Option(min=1, help="With --model: patch size (default: the model's own)."),
     ] = None,
     num_classes: Annotated[
-        int | None, typer.Option(help="With --model: classes (default: the model's own).")
+        int | None,
+        typer.Option(min=1, help="With --model: classes (default: the model's own)."),
     ] = None,
     dataset_size: Annotated[
         int,
@@ -101,20 +98,20 @@ def inspect(
             ("--patch-size", patch_size),
             ("--num-classes", num_classes),
         )
-        if value
+        if value is not None and value != []
     ]
     if path is not None and model is not None:
-        raise InspectUsageError(
+        raise UsageError(
             f"give either PATH ({path}) or --model ({model}), not both: PATH inspects what a "
             "run or an export holds, --model prices a model (and --recipe) before training."
         )
     if path is None and model is None:
-        raise InspectUsageError(
+        raise UsageError(
             "nothing to inspect: give a run folder or an export as PATH, or --model NAME "
             "(with --recipe FILE to price a recipe before training it)."
         )
     if path is not None and model_only:
-        raise InspectUsageError(
+        raise UsageError(
             f"{', '.join(model_only)} only go with --model; a run folder or an export already "
             "records its model and masks."
         )
@@ -212,10 +209,10 @@ def _priced(
     dense = _seeded(lambda: create_model(spec).eval())
     if recipe_file is None:
         if overrides:
-            raise InspectUsageError("--set overrides a recipe field; give --recipe FILE too.")
+            raise UsageError("--set overrides a recipe field; give --recipe FILE too.")
         return spec, f"model {spec.name}, dense", dense, dense
     if dataset_size < 1:
-        raise InspectUsageError(f"--dataset-size {dataset_size}: give at least 1 image.")
+        raise UsageError(f"--dataset-size {dataset_size}: give at least 1 image.")
     loaded = load_recipe(recipe_file, overrides)
     timeline = Timeline.for_dataset(
         loaded.training.epochs, dataset_size, loaded.training.batch_size

@@ -1,8 +1,10 @@
 """Load an export back as a plain timm model: rebuilt from the manifest in its safetensors
-metadata (model name, keyword arguments, heads and MLP width per block), never from pickles."""
+metadata (model name, keyword arguments, heads and MLP width per block), never from pickles and
+never from `config.json` (a copy for people)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -11,18 +13,19 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from sparsekit.errors import SparsekitError
-from sparsekit.export.manifest import FORMAT_VERSION, METADATA_KEY, Manifest, tensors_sha256
+from sparsekit.export.manifest import FORMAT_VERSION, METADATA_KEY, Manifest, export_sha256
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.surgery.compact import shrink_
 from sparsekit.surgery.tokens import Placement, TokenSelection
 
 
 def read_export(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
-    """The manifest and tensors of an export (its folder or its model.safetensors), checked.
+    """The manifest and tensors of an export (its folder or its model.safetensors), checked:
+    nothing is built from the manifest here, and it is returned only when its hash matches.
 
     Raises:
         SparsekitError: missing, truncated or corrupt file, not a sparsekit export, another
-            format version, or tensors that do not match the hash in the metadata.
+            format version, or a manifest or tensors that do not match the hash in the metadata.
     """
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
@@ -46,6 +49,7 @@ def read_export(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
             f"{file} has no sparsekit manifest in its metadata: it was not written by "
             "`sparsekit export`, so the pruned architecture cannot be rebuilt from it."
         )
+    _check_version(file, raw)
     try:
         manifest = Manifest.model_validate_json(raw)
     except ValidationError as err:
@@ -53,18 +57,34 @@ def read_export(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
             f"{file}: its sparsekit manifest is malformed ({err.errors()[0]['msg']} at "
             f"{'.'.join(str(p) for p in err.errors()[0]['loc'])}); export it again."
         ) from None
-    if manifest.format_version != FORMAT_VERSION:
+    if export_sha256(manifest, tensors) != manifest.sha256:
         raise SparsekitError(
-            f"{file} is export format {manifest.format_version}; this sparsekit reads format "
-            f"{FORMAT_VERSION}. Use the sparsekit version that wrote it "
-            f"({manifest.sparsekit_version}) or export it again."
-        )
-    if tensors_sha256(tensors) != manifest.tensors_sha256:
-        raise SparsekitError(
-            f"{file}: the tensors do not match the hash recorded when it was exported, so the "
-            "file was modified or damaged after export. Export it again from the run folder."
+            f"{file}: its manifest or tensors do not match the hash recorded when it was "
+            "exported, so the file was modified or damaged after export (the hash covers the "
+            "model name, model arguments, block shapes, token selectors and every tensor). "
+            "Export it again from the run folder."
         )
     return manifest, tensors
+
+
+def _check_version(file: Path, raw: str) -> None:
+    """Refuse another format version by name, before its fields are checked against this
+    format's (a format-1 manifest has no `sha256`)."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return  # not JSON: the manifest check says so
+    if not isinstance(record, dict) or "format_version" not in record:
+        return
+    version = record["format_version"]
+    if version != FORMAT_VERSION:
+        wrote = record.get("sparsekit_version")
+        wrote = wrote if isinstance(wrote, str) and len(wrote) <= 64 else "unknown"
+        raise SparsekitError(
+            f"{file} is export format {str(version)[:20]}; this sparsekit reads format "
+            f"{FORMAT_VERSION}. Use the sparsekit version that wrote it ({wrote}) or export it "
+            "again."
+        )
 
 
 def load_compact(path: str | Path) -> nn.Module:
@@ -74,7 +94,12 @@ def load_compact(path: str | Path) -> nn.Module:
         SparsekitError: see `read_export`; also a manifest that does not fit its tensors.
     """
     manifest, tensors = read_export(path)
-    model = create_model(ModelSpec(manifest.model, manifest.model_kwargs))
+    try:  # the same bounds as any model spec: a correct hash does not make a manifest safe
+        model = create_model(ModelSpec(manifest.model, manifest.model_kwargs))
+    except SparsekitError as err:
+        raise SparsekitError(
+            f"{path}: its manifest asks for a model sparsekit does not build: {err}"
+        ) from None
     if len(manifest.blocks) != len(model.blocks):
         raise SparsekitError(
             f"{path}: the manifest lists {len(manifest.blocks)} blocks but {manifest.model} "
@@ -86,6 +111,12 @@ def load_compact(path: str | Path) -> nn.Module:
             raise SparsekitError(
                 f"{path}: block {i} has head width {shape.head_dim} in the manifest but "
                 f"{block.attn.head_dim} in {manifest.model}; the file is inconsistent."
+            )
+        if shape.heads > block.attn.num_heads or shape.mlp_hidden > block.mlp.fc2.in_features:
+            raise SparsekitError(
+                f"{path}: block {i} keeps {shape.heads} heads and an MLP width of "
+                f"{shape.mlp_hidden} in the manifest, more than the {block.attn.num_heads} and "
+                f"{block.mlp.fc2.in_features} of {manifest.model}; the file is inconsistent."
             )
         if shape.heads != block.attn.num_heads:
             sizes[f"blocks.{i}.attn"] = shape.heads

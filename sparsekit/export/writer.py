@@ -1,10 +1,11 @@
 """Write a trained model as safetensors: masked at full size, or compacted (pruned heads and
 neurons physically removed) so the FLOPs saving is a saving in time and memory.
 
-An export folder holds `model.safetensors` (tensors, plus the manifest in its metadata),
-`config.json` (the manifest, for people) and `recipe.yaml`. The files are written in a temporary
-folder beside the target and moved into place one by one, each in a single rename: an
-interrupted export never leaves a half-written file.
+An export folder holds `model.safetensors` (tensors, plus the manifest in its metadata, under one
+hash with the tensors), `config.json` (the manifest, for people; never read back) and
+`recipe.yaml`. The files are written in a temporary folder beside the target and moved into
+place one by one, each in a single rename: an interrupted export never leaves a half-written
+file.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from sparsekit.exclusive import exclusive
 from sparsekit.export.manifest import (
     FORMAT_VERSION,
     METADATA_KEY,
+    UNSEALED,
     BlockShape,
     Manifest,
     TokenSelector,
-    tensors_sha256,
+    sealed,
 )
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.surgery.compact import bake_
@@ -74,8 +76,9 @@ def export_model(
             for p in placements or []
         ],
         recipe_sha256=hashlib.sha256(recipe_yaml.encode()).hexdigest() if recipe_yaml else None,
-        tensors_sha256=tensors_sha256(tensors),
+        sha256=UNSEALED,
     )
+    manifest = sealed(manifest, tensors)  # one hash over the manifest and the tensors
     _write(Path(out), tensors, manifest, recipe_yaml)
     return manifest
 
@@ -137,14 +140,18 @@ def _write(
             "touched. Give -o a new or empty folder."
         )
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         with _exclusive(out):
             _replace(out, tensors, manifest, recipe_yaml)
-    except BaseException:
-        if created and not any(out.iterdir()):
+    except OSError as err:
+        raise SparsekitError(
+            f"cannot write the export to {out} ({err.strerror or err}); an earlier export there "
+            "is untouched. Give -o a folder you can write, or free disk space."
+        ) from None
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # leave nothing behind that was not there
-        raise
 
 
 def _exclusive(out: Path):

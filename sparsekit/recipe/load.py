@@ -85,32 +85,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
         raise RecipeError(
             f"{path}: cannot read the recipe ({err}). Save it as UTF-8 text."
         ) from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        _check_size(node, path)
-        data = yaml.safe_load(text)
-    except RecursionError:
-        raise RecipeError(
-            f"{path}: the YAML is nested too deeply to read; recipes nest at most "
-            f"{MAX_DEPTH} levels."
-        ) from None
-    except (ValueError, TypeError, AttributeError, OverflowError) as err:
-        # PyYAML's own constructors fail this way on some malformed tagged scalars
-        # (`!!timestamp 2001-12-14#...`, `!!binary` with bad padding).
-        raise RecipeError(
-            f"{path}: not valid YAML: a value could not be read ({type(err).__name__}: {err}). "
-            "Recipes are plain YAML mappings; tags such as !!timestamp or !!binary are not needed."
-        ) from None
-    except yaml.YAMLError as err:
-        where = ""
-        mark = getattr(err, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(err, "problem", None) or str(err)
-        raise RecipeError(
-            f"{path}: not valid YAML{where}: {problem}. Recipes are plain YAML mappings; "
-            "tags such as !!python/object are refused."
-        ) from None
+    node, data = _parse_yaml(text, str(path))
     if node is None or data is None:
         raise RecipeError(
             f"{path}: the recipe file is empty. A recipe needs at least `name:` "
@@ -126,7 +101,60 @@ def _read_yaml(path: Path) -> tuple[dict, dict[Loc, int]]:
     return data, lines
 
 
-def _check_size(node: yaml.Node | None, path: Path) -> None:
+def clip(text: str, limit: int = 60) -> str:
+    """A command-line value short enough to quote in a one-paragraph error."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def parse_value(raw: str, where: str) -> Any:
+    """A command-line value (`--set PATH=VALUE`, `--model-arg KEY=VALUE`) read as YAML, with
+    the recipe file's limits: plain YAML only, bounded nesting and size.
+
+    Raises:
+        RecipeError: a tag that does not construct, nesting too deep, too many values.
+    """
+    if not raw.strip():
+        return ""
+    try:
+        yaml.compose(raw, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return raw  # not YAML at all (`a: b: c`): the text as it is, for the schema to judge
+    except RecursionError:
+        pass  # _parse_yaml says so
+    return _parse_yaml(raw, where)[1]
+
+
+def _parse_yaml(text: str, where: str) -> tuple[yaml.Node | None, Any]:
+    """Compose (checking nesting and size before anything is built), then construct."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_size(node, where)
+        return node, yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(
+            f"{where}: the YAML is nested too deeply to read; recipes nest at most "
+            f"{MAX_DEPTH} levels."
+        ) from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as err:
+        # PyYAML's own constructors fail this way on some malformed tagged scalars
+        # (`!!timestamp 2001-12-14#...`, `!!binary` with bad padding).
+        raise RecipeError(
+            f"{where}: not valid YAML: a value could not be read ({type(err).__name__}: {err}). "
+            "Recipes are plain YAML mappings; tags such as !!timestamp or !!binary are not needed."
+        ) from None
+    except yaml.YAMLError as err:
+        where_in = ""
+        mark = getattr(err, "problem_mark", None)
+        if mark is not None:
+            where_in = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(err, "problem", None) or str(err)
+        raise RecipeError(
+            f"{where}: not valid YAML{where_in}: {problem}. Recipes are plain YAML mappings; "
+            "tags such as !!python/object are refused."
+        ) from None
+
+
+def _check_size(node: yaml.Node | None, path: Path | str) -> None:
     """Refuse nesting deeper than MAX_DEPTH and more than MAX_VALUES values with aliases
     expanded, before anything walks the tree value by value."""
     if node is None:
@@ -181,7 +209,7 @@ def _parse_override(text: str) -> tuple[Loc, Any]:
     """`phases[1].sparsity=0.6` -> (("phases", 1, "sparsity"), 0.6); the value is read as YAML."""
     path, sep, raw = text.partition("=")
     bad = RecipeError(
-        f"--set {text!r}: expected PATH=VALUE, for example `--set training.epochs=3` or "
+        f"--set {clip(text)!r}: expected PATH=VALUE, for example `--set training.epochs=3` or "
         "`--set phases[1].sparsity=0.6`."
     )
     if not sep or not path.strip():
@@ -209,11 +237,7 @@ def _parse_override(text: str) -> tuple[Loc, Any]:
         pos = match.end()
     if pos != len(path) or expect_name:
         raise bad
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return tuple(loc), value
+    return tuple(loc), parse_value(raw, f"--set {clip(text)}")
 
 
 def _apply_override(data: dict, loc: Loc, value: Any, text: str) -> None:
@@ -224,22 +248,24 @@ def _apply_override(data: dict, loc: Loc, value: Any, text: str) -> None:
             if not isinstance(target, list) or part >= len(target):
                 size = len(target) if isinstance(target, list) else 0
                 raise RecipeError(
-                    f"--set {text!r}: {_loc_str(loc[: depth + 1])} does not exist; the recipe "
+                    f"--set {clip(text)!r}: {_loc_str(loc[: depth + 1])} does not exist; the recipe "
                     f"has {size} item(s) there (indices start at 0)."
                 )
             target = target[part]
         else:
             if not isinstance(target, dict):
-                raise RecipeError(f"--set {text!r}: {_loc_str(loc[:depth])} is not a mapping.")
+                raise RecipeError(
+                    f"--set {clip(text)!r}: {_loc_str(loc[:depth])} is not a mapping."
+                )
             if part not in target or target[part] is None:
                 target[part] = [] if isinstance(nxt, int) else {}
             target = target[part]
     last = loc[-1]
     if isinstance(last, int):
         if not isinstance(target, list) or last >= len(target):
-            raise RecipeError(f"--set {text!r}: {_loc_str(loc)} does not exist.")
+            raise RecipeError(f"--set {clip(text)!r}: {_loc_str(loc)} does not exist.")
     elif not isinstance(target, dict):
-        raise RecipeError(f"--set {text!r}: {_loc_str(loc[:-1])} is not a mapping.")
+        raise RecipeError(f"--set {clip(text)!r}: {_loc_str(loc[:-1])} is not a mapping.")
     target[last] = value
 
 
@@ -349,7 +375,7 @@ def _format(label: str, problems: list, lines: dict[Loc, int], overridden: dict[
         where = ""
         for cut in range(len(loc), -1, -1):
             if loc[:cut] in overridden:
-                where = f" (from --set {overridden[loc[:cut]]})"
+                where = f" (from --set {clip(overridden[loc[:cut]])})"
                 break
             if loc[:cut] in lines:
                 where = f" (line {lines[loc[:cut]]})"

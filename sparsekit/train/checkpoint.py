@@ -6,6 +6,7 @@ never run code: it holds only tensors, numbers, strings, lists, tuples and dicts
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,45 @@ import torch
 
 from sparsekit.atomic import atomic_path
 from sparsekit.errors import SparsekitError
-from sparsekit.export.manifest import tensors_sha256
 
 FORMAT = 1
+# What every checkpoint holds, and the type each piece must have to be used.
+REQUIRED = {
+    "epoch": int,
+    "steps_per_epoch": int,
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "session": dict,
+    "rng": dict,
+}
+
+
+def payload_sha256(payload: Any) -> str:
+    """A hash of a checkpoint's whole contents (weights, optimizer and phase state, counters):
+    it changes if any key, number, string or tensor (dtype, shape, value) changes."""
+    digest = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            digest.update(f"d{len(obj)}|".encode())
+            for key in sorted(obj, key=repr):
+                feed(key)
+                feed(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"{type(obj).__name__[0]}{len(obj)}|".encode())
+            for item in obj:
+                feed(item)
+        else:
+            digest.update(f"{type(obj).__name__}:{obj!r}|".encode())
+
+    feed(payload)
+    return digest.hexdigest()
 
 
 def capture_rng() -> dict[str, Any]:
@@ -53,11 +90,11 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         SparsekitError: the write failed (a full disk, most often); the previous checkpoint is
             untouched, since the new one is written beside it and renamed only when complete.
     """
-    if "model" in payload:  # detects a checkpoint whose weights changed after it was written
-        payload = {**payload, "model_sha256": tensors_sha256(payload["model"])}
+    payload = {"format": FORMAT, **payload}
+    payload["sha256"] = payload_sha256(payload)  # detects a checkpoint changed after writing
     try:
         with atomic_path(path) as tmp:
-            torch.save({"format": FORMAT, **payload}, tmp)
+            torch.save(payload, tmp)
     except (OSError, RuntimeError) as err:
         raise SparsekitError(
             f"could not write the checkpoint {path} ({err}); the previous checkpoint, if any, "
@@ -88,11 +125,46 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: not a sparsekit checkpoint of format {FORMAT}; it was written by another "
             "tool or version."
         )
-    expected = payload.get("model_sha256")
-    if expected is not None and tensors_sha256(payload["model"]) != expected:
+    if not _hash_matches(payload):
         raise SparsekitError(
-            f"{path}: the model weights do not match the hash recorded when the checkpoint was "
+            f"{path}: its contents do not match the hash recorded when the checkpoint was "
             "written, so it was modified or damaged afterwards. Resume from a good copy, or "
             "start the run again in a new --output folder."
         )
     return payload
+
+
+def require_complete(payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Check that a loaded checkpoint holds every piece a run continues (or exports) from,
+    with the right types, so a checkpoint with a piece missing is refused by name rather than
+    failing later with a KeyError.
+
+    Raises:
+        SparsekitError: a piece missing or of the wrong type, or counters out of range.
+    """
+    wrong = [
+        f"{key} ({'missing' if key not in payload else type(payload[key]).__name__})"
+        for key, kind in REQUIRED.items()
+        if not isinstance(payload.get(key), kind) or isinstance(payload.get(key), bool)
+    ]
+    if wrong or payload["epoch"] < 0 or payload["steps_per_epoch"] < 1:
+        raise SparsekitError(
+            f"{path}: an incomplete or damaged checkpoint ({', '.join(wrong) or 'bad counters'}); "
+            "it was not written whole by sparsekit. Resume from a good copy, or start the run "
+            "again in a new --output folder."
+        )
+    return payload
+
+
+def _hash_matches(payload: dict[str, Any]) -> bool:
+    """Check (and remove) the recorded hash: of everything, or in checkpoints written before
+    everything was hashed, of the model weights (`model_sha256`)."""
+    if "sha256" in payload:
+        return payload.pop("sha256") == payload_sha256(payload)
+    if "model_sha256" in payload:
+        from sparsekit.export.manifest import tensors_sha256
+
+        expected = payload.pop("model_sha256")
+        model = payload.get("model")
+        return isinstance(model, dict) and tensors_sha256(model) == expected
+    return True  # the earliest checkpoints carry no hash

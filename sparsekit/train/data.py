@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from sparsekit.errors import SparsekitError
+from sparsekit.errors import UsageError
+
+MAX_SYNTHETIC_SIZE = 512
 
 
 @dataclass
@@ -28,6 +30,9 @@ class DataBundle:
     img_size: int
     patch_size: int | None  # None: keep the model's own patch size
     skipped: list[str] = field(default_factory=list)  # unreadable images left out
+    # Symbolic links not followed, as "train/cat/up -> /abs/target (loop)"; the reason is
+    # 'loop', 'duplicate', 'dangling' or 'points outside train/' (or val/).
+    skipped_links: list[str] = field(default_factory=list)
 
 
 class TensorImages(Dataset):
@@ -73,8 +78,16 @@ def build_data(
     if source == "digits":
         return _digits(img_size or 8, seed)
     if source == "synthetic":
+        if (img_size or 32) > MAX_SYNTHETIC_SIZE:  # it is held in memory: 320 images
+            raise UsageError(
+                f"--img-size {img_size}: --data synthetic makes images of at most "
+                f"{MAX_SYNTHETIC_SIZE} px (it is a smoke test held in memory); give a smaller "
+                "--img-size or an image folder."
+            )
         return _synthetic(img_size or 32, seed)
-    return _image_folder(Path(source), img_size or 224, bad_images)
+    from sparsekit.train.image_folder import image_folder
+
+    return image_folder(Path(source), img_size or 224, bad_images)
 
 
 def _digits(img_size: int, seed: int) -> DataBundle:
@@ -111,71 +124,3 @@ def _synthetic(img_size: int, seed: int, classes: int = 10) -> DataBundle:
         return TensorImages(images, labels, img_size, shift=0)
 
     return DataBundle("synthetic", make(256), make(64), classes, 3, img_size, patch_size=8)
-
-
-def _image_folder(root: Path, img_size: int, bad_images: str = "refuse") -> DataBundle:
-    from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
-
-    missing = [part for part in ("train", "val") if not (root / part).is_dir()]
-    if missing:
-        raise SparsekitError(
-            f"--data {root}: expected an ImageFolder root with train/ and val/ folders (ImageNet "
-            f"layout: train/CLASS/IMAGE.jpg), but {' and '.join(missing)} is missing. Use "
-            "--data digits or --data synthetic for the built-in sets."
-        )
-    try:
-        train = ImageFolder(
-            str(root / "train"), create_transform(img_size, is_training=True), loader=_open_image
-        )
-        val = ImageFolder(
-            str(root / "val"), create_transform(img_size, is_training=False), loader=_open_image
-        )
-    except (FileNotFoundError, OSError) as err:
-        raise SparsekitError(f"--data {root}: {err}") from None
-    if train.classes != val.classes:
-        raise SparsekitError(
-            f"--data {root}: train/ has {len(train.classes)} classes and val/ has "
-            f"{len(val.classes)}; both must hold the same class folders."
-        )
-    skipped = _drop_unreadable(train) + _drop_unreadable(val) if bad_images == "skip" else []
-    if not len(train) or not len(val):
-        raise SparsekitError(
-            f"--data {root}: no readable images left in {'train/' if not len(train) else 'val/'} "
-            f"({len(skipped)} unreadable skipped)."
-        )
-    return DataBundle(
-        str(root), train, val, len(train.classes), 3, img_size, patch_size=None, skipped=skipped
-    )
-
-
-def _drop_unreadable(folder) -> list[str]:
-    """Check every image's header once; leave out the ones PIL cannot read."""
-    from PIL import Image
-
-    kept, dropped = [], []
-    for path, label in folder.samples:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-            kept.append((path, label))
-        except (OSError, ValueError, Image.DecompressionBombError):
-            dropped.append(path)
-    folder.samples = folder.imgs = kept
-    folder.targets = [label for _, label in kept]
-    return dropped
-
-
-def _open_image(path: str):
-    """An RGB image, or an error naming the file that cannot be read (rather than a PIL
-    traceback from inside the data loader)."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise SparsekitError(
-            f"cannot read the image {path} ({type(err).__name__}: {err}). Remove or replace "
-            "it, then continue with --resume (an interrupted run keeps its last checkpoint)."
-        ) from None

@@ -52,6 +52,7 @@ def claim_run_folder(folder: Path) -> Iterator[None]:
             f"{MARKER} marker), so it is not a run folder; nothing in it was touched. Give a new "
             "or empty folder for the run."
         )
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
@@ -68,4 +69,17 @@ def claim_run_folder(folder: Path) -> Iterator[None]:
     with exclusive(fd, busy):
         if os.fstat(fd).st_size == 0:
             os.write(fd, _CONTENT)
-        yield
+        try:
+            yield
+        except BaseException:
+            _remove_if_unused(folder, created)
+            raise
+
+
+def _remove_if_unused(folder: Path, created: bool) -> None:
+    """A run that failed before writing anything (a model or data refused) leaves nothing:
+    not the marker, and not the folder when it made it."""
+    if {p.name for p in folder.iterdir()} == {MARKER}:
+        (folder / MARKER).unlink()
+        if created:
+            folder.rmdir()

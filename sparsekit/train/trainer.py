@@ -14,6 +14,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,21 @@ from sparsekit.analysis.sparsity import global_sparsity, layer_sparsity, sparsit
 from sparsekit.analysis.token_map import save_samples
 from sparsekit.atomic import write_text_atomic
 from sparsekit.compiler import compile_recipe
-from sparsekit.errors import SparsekitError
-from sparsekit.models import ModelSpec, create_model, resolve_model_name
+from sparsekit.errors import DataError, SparsekitError, UsageError, user_message
+from sparsekit.models import MODEL_ARG_BOUNDS, ModelSpec, create_model, resolve_model_name
 from sparsekit.modifiers.schedules import warmup_cosine_lr
 from sparsekit.recipe.load import dump_recipe
 from sparsekit.recipe.schema import Recipe, Training
 from sparsekit.session import Session
 from sparsekit.surgery.global_noise import GlobalBatchNoise
 from sparsekit.timeline import Timeline
-from sparsekit.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from sparsekit.train.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    require_complete,
+    restore_rng,
+    save_checkpoint,
+)
 from sparsekit.train.data import DataBundle, build_data
 from sparsekit.train.distributed import (
     ShardedBatchSampler,
@@ -50,6 +57,7 @@ from sparsekit.train.distributed import (
     sum_over_ranks,
 )
 from sparsekit.train.run_claim import claim_run_folder
+from sparsekit.train.run_folder import check_recipe_hash, read_metrics, read_run_json, recipe_sha256
 
 
 @dataclass
@@ -75,9 +83,8 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     """Train `run.model` under `recipe`; return the summary that is also written to disk.
     The process that writes the run folder (rank 0) owns it for the whole run."""
     out = run.output or Path("runs") / f"{recipe.name}-{run.model}"
+    _check_run_options(run)
     _check_output(out, run.resume)
-    if run.stop_after_epoch is not None and run.stop_after_epoch < 1:
-        raise SparsekitError(f"--stop-after-epoch must be 1 or more, got {run.stop_after_epoch}.")
     with claim_run_folder(out) if launched_as_main() else contextlib.nullcontext():
         return _train(recipe, run, out, console or Console(stderr=True))
 
@@ -95,6 +102,11 @@ def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[
         console.print(
             f"skipped {len(data.skipped)} unreadable images (--bad-images skip), e.g. "
             f"{data.skipped[0]}"
+        )
+    if data.skipped_links:
+        console.print(
+            f"skipped {len(data.skipped_links)} symbolic links in --data (loops, duplicates, "
+            f"broken links, or links out of their split), e.g. {data.skipped_links[0]}"
         )
     spec = model_spec(run, data, cfg.drop_path)
     model = create_model(spec, run.pretrained, run.checkpoint).to(device)
@@ -158,10 +170,11 @@ def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
         write_text_atomic(out / "run.json", json.dumps(_run_record(spec, run, data.name), indent=2))
-        (out / "metrics.jsonl").write_text("")
+        write_text_atomic(out / "metrics.jsonl", "")
         if any(m.kind == "token_select" for m in modifiers):  # for the report's token map
             save_samples(out, data.val)
     last_epoch = min(cfg.epochs, run.stop_after_epoch or cfg.epochs)
+    recipe_hash = recipe_sha256(dump_recipe(recipe))  # recipe.yaml's text: export checks it
 
     started = time.perf_counter() - elapsed
     skipped = 0  # non-finite losses skipped in a row
@@ -174,7 +187,7 @@ def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[
             loss_sum = correct = seen = 0.0
             sparsity, events_seen = 0.0, -1
             epoch_started = time.perf_counter()
-            for images, labels in loader:
+            for images, labels in _batches(loader, epoch):
                 images, labels = images.to(device, non_blocking=True), labels.to(device)
                 session.batch_start()
                 try:
@@ -195,8 +208,7 @@ def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[
                         raise SparsekitError(
                             f"the loss became {loss.item()} at step {session.step} (epoch "
                             f"{epoch + 1}{streak}). Lower training.optimizer.lr or set "
-                            "training.grad_clip, then resume from the last checkpoint with "
-                            f"--resume (it holds epoch {epoch})."
+                            f"training.grad_clip, then {_how_to_continue(epoch)}."
                         )
                     # Skip: no backward, no optimizer step; the phases still see the step (an
                     # update due now waits for the next step that trains).
@@ -242,7 +254,7 @@ def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[
             # Evaluate, log, checkpoint (metrics first: resume drops lines past the checkpoint).
             # Every rank evaluates its share of the validation set; the sums are added up.
             loss_sum, correct, seen = sum_over_ranks([loss_sum, correct, seen], device)
-            val_loss, val_acc = evaluate(model, val_loader, device, amp_dtype)
+            val_loss, val_acc = evaluate(model, _batches(val_loader, epoch), device, amp_dtype)
             metrics = {
                 "epoch": epoch + 1,
                 "step": session.step,
@@ -276,6 +288,7 @@ def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[
                 "session": session.state_dict(),  # on every rank: it may add up across ranks
                 "rng": capture_rng(),
                 "elapsed_s": metrics["time_s"],
+                "recipe_sha256": recipe_hash,
             }
             if ranks.main:
                 _append_metrics(out, records)
@@ -294,9 +307,48 @@ def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[
     return summary
 
 
+def _batches(loader: DataLoader, epoch: int) -> Iterator[Any]:
+    """The loader's batches; an image that cannot be read (in this process or a worker) stops
+    the run with the file named and how to continue from here."""
+    try:
+        yield from loader
+    except DataError as err:
+        if epoch:
+            then = f"continue with --resume: the run folder's checkpoint holds epoch {epoch}"
+        else:
+            then = "run the same command again: no epoch has finished, so nothing is lost"
+        raise DataError(f"{user_message(err)} Then {then}.") from None
+
+
+def _how_to_continue(epoch: int) -> str:
+    """After a non-finite loss: --resume would repeat the same steps bit for bit (and must keep
+    the recipe), so a changed recipe starts again."""
+    if not epoch:
+        return "run it again (no epoch has finished, so nothing is lost)"
+    return (
+        "start it again in a new --output folder (--resume continues bit for bit from the "
+        f"checkpoint of epoch {epoch} under the unchanged recipe, so it would repeat these steps)"
+    )
+
+
 def model_spec(run: RunConfig, data: DataBundle, drop_path: float) -> ModelSpec:
     """The timm model a run trains: built for the data's classes, channels and image size."""
+    decided = {
+        "num_classes": "the data decides it (the number of class folders)",
+        "in_chans": "the data decides it (3 for image folders, 1 for digits)",
+        "img_size": "use --img-size",
+        "patch_size": "use --patch-size",
+        "drop_path_rate": "use the recipe's training.drop_path",
+    }
+    for key in sorted(run.extra.keys() & decided.keys()):
+        raise UsageError(f"--model-arg {key}: not a model argument to set here; {decided[key]}.")
     patch_size = run.patch_size or data.patch_size
+    if patch_size and patch_size > data.img_size:
+        raise UsageError(
+            f"the patch size {patch_size} is larger than the image size {data.img_size} of "
+            f"--data {data.name}: a ViT cuts the image into patches, so the patch must fit in it. "
+            "Give a smaller --patch-size or a larger --img-size."
+        )
     return ModelSpec(
         resolve_model_name(run.model),
         {
@@ -310,6 +362,7 @@ def model_spec(run: RunConfig, data: DataBundle, drop_path: float) -> ModelSpec:
     )
 
 
+MAX_WORKERS = 256  # data loader processes; more is a typo, and each one is a process
 MAX_SKIPPED_IN_A_ROW = 10  # with nonfinite_loss: skip, a longer streak stops the run
 
 
@@ -324,7 +377,7 @@ def all_finite(loss: torch.Tensor, device: torch.device) -> bool:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None
+    model: nn.Module, loader: Iterable[Any], device: torch.device, amp_dtype: torch.dtype | None
 ) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy over `loader` (over every rank's share of the
     data under torch.distributed)."""
@@ -386,19 +439,60 @@ def _check_output(out: Path, resume: bool) -> None:
         )
 
 
+def _check_run_options(run: RunConfig) -> None:
+    """Options that can never work are usage errors (exit code 2), found before anything is
+    built; the command line checks the same bounds, this covers callers of `train`."""
+    for option, value, least in (
+        ("--img-size", run.img_size, 1),
+        ("--patch-size", run.patch_size, 1),
+        ("--stop-after-epoch", run.stop_after_epoch, 1),
+        ("--workers", run.workers, 0),
+    ):
+        if value is not None and (isinstance(value, bool) or value < least):
+            raise UsageError(f"{option} must be {least} or more, got {value}.")
+    for option, value, key in (
+        ("--img-size", run.img_size, "img_size"),
+        ("--patch-size", run.patch_size, "patch_size"),
+    ):
+        if value is not None and value > MODEL_ARG_BOUNDS[key][1]:
+            raise UsageError(f"{option} {value}: at most {MODEL_ARG_BOUNDS[key][1]}.")
+    if run.workers > MAX_WORKERS:
+        raise UsageError(f"--workers {run.workers}: at most {MAX_WORKERS} worker processes.")
+    if run.img_size and run.patch_size and run.patch_size > run.img_size:
+        raise UsageError(
+            f"--patch-size {run.patch_size} is larger than --img-size {run.img_size}: a ViT cuts "
+            "the image into patches, so the patch must fit in it. Give a smaller --patch-size "
+            "or a larger --img-size."
+        )
+    _pick_device(run.device)
+
+
 def _pick_device(name: str) -> torch.device:
+    """cpu, cuda or cuda:N (auto: cuda when there is one). Other device types (meta, mps,
+    xpu) cannot run sparsekit's training: a usage error, not a failure half-way through."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SparsekitError(
-            f"--device {name}: no CUDA device is available here; use --device cpu."
-        )
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SparsekitError(
-            f"--device {name!r} is not a device; use auto, cpu or cuda[:N]."
-        ) from None
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(
+            f"--device {name!r}: sparsekit trains on auto, cpu, cuda or cuda:N (auto picks cuda "
+            "when there is one); other device types are not supported."
+        )
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SparsekitError(
+                f"--device {name}: no CUDA device is available here; use --device cpu."
+            )
+        if device.index is not None and device.index >= count:
+            raise SparsekitError(
+                f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}."
+            )
+    return device
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -456,49 +550,52 @@ def _resume(
             f"--resume: {out}/recipe.yaml differs from the recipe given now (after --set and "
             "--epochs). Resume with the same recipe and options, or start a new --output folder."
         )
-    saved_model = json.loads((out / "run.json").read_text())["model"]
+    saved_model = read_run_json(out).model.model_dump()
     if saved_model != asdict(spec):
         raise SparsekitError(
             f"--resume: {out} was trained with model {saved_model}, not {asdict(spec)}. Use the "
             "same --model, --data, --img-size and --patch-size."
         )
-    ckpt = load_checkpoint(out / "checkpoint.pt")
+    ckpt = require_complete(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
+    check_recipe_hash(out, saved_recipe, ckpt)
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         session.load_state_dict(ckpt["session"])
-    except (KeyError, RuntimeError, ValueError) as err:
+        restore_rng(ckpt["rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
         raise SparsekitError(
             f"--resume: {out}/checkpoint.pt does not fit this run ({str(err).splitlines()[0][:200]}); "
             "it was written for another model or recipe. Resume with the options the run started "
             "with, or start a new --output folder."
         ) from None
-    restore_rng(ckpt["rng"])
     epoch = int(ckpt["epoch"])
+    if ckpt["steps_per_epoch"] != session.timeline.steps_per_epoch:
+        raise SparsekitError(
+            f"--resume: {out}/checkpoint.pt was trained with {ckpt['steps_per_epoch']} steps per "
+            f"epoch, but the data now gives {session.timeline.steps_per_epoch}: the data set "
+            "changed (images added or removed, or another --data). Resume with the data the run "
+            "started with, or start a new --output folder."
+        )
     if main:  # every rank loads the checkpoint; only rank 0 rewrites the log
         kept = [r for r in read_metrics(out) if r.get("epoch", 0) <= epoch]
         write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     return epoch, float(ckpt.get("elapsed_s", 0.0))
 
 
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl; a line torn by a crash mid-append is skipped."""
-    path = out / "metrics.jsonl"
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def _append_metrics(out: Path, records: list[dict[str, Any]]) -> None:
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    try:
+        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise SparsekitError(
+            f"cannot append to {out}/metrics.jsonl ({err.strerror or err}); the checkpoint of "
+            "the previous epoch is intact. Free disk space (or fix the folder) and continue "
+            "with --resume."
+        ) from None
 
 
 def _summary(
