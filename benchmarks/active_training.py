@@ -38,6 +38,7 @@ def recipe(mode: str, heads: float, mlp: float, keep: float | None, every: int) 
             "head_density": heads,
             "mlp_density": mlp,
             "update_every": f"{every} steps",
+            "min_update_interval": "1 steps",
             "end": "100%",
         }
     ]

@@ -35,12 +35,18 @@ def recipe(every: int) -> dict:
         "name": "comm",
         "training": {"epochs": 1, "batch_size": 16, "schedule": {"warmup": 0}},
         "phases": [
-            {"kind": "unstructured_dst", "sparsity": 0.5, "update_every": f"{every} steps"},
+            {
+                "kind": "unstructured_dst",
+                "sparsity": 0.5,
+                "update_every": f"{every} steps",
+                "min_update_interval": "1 steps",
+            },
             {
                 "kind": "head_prune_grow",
                 "head_density": 0.5,
                 "mlp_density": 0.5,
                 "update_every": f"{every} steps",
+                "min_update_interval": "1 steps",
             },
             {"kind": "token_select", "keep_ratio": 0.7},
         ],

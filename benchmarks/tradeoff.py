@@ -36,9 +36,19 @@ MODEL = "vit_tiny_patch16_224"
 MODEL_ARGS = {"depth": 6, "embed_dim": 192, "num_heads": 6}
 IMG_SIZE = 16
 
-DST = {"kind": "unstructured_dst", "update_every": "1 epochs", "end": "80%"}
-HEADS = {"kind": "head_prune_grow", "update_every": "1 epochs", "end": "80%"}
-CALM = {"update_every": "10%", "update_fraction": 0.2}
+DST = {
+    "kind": "unstructured_dst",
+    "update_every": "1 epochs",
+    "min_update_interval": "1 steps",
+    "end": "80%",
+}
+HEADS = {
+    "kind": "head_prune_grow",
+    "update_every": "1 epochs",
+    "min_update_interval": "1 steps",
+    "end": "80%",
+}
+CALM = {"update_every": "10%", "min_update_interval": "1 steps", "update_fraction": 0.2}
 METHODS: dict[str, list[dict]] = {
     "dense": [],
     "svite-50": [{**DST, "sparsity": 0.5}],

@@ -18,7 +18,13 @@ def dst_recipe(**phase) -> dict:
         "name": "test",
         "training": {"epochs": 4, "batch_size": 16, "schedule": {"warmup": 0}},
         "phases": [
-            {"kind": "unstructured_dst", "sparsity": 0.6, "update_every": "2 steps", **phase}
+            {
+                "kind": "unstructured_dst",
+                "sparsity": 0.6,
+                "update_every": "2 steps",
+                "min_update_interval": "1 steps",
+                **phase,
+            }
         ],
     }
 

@@ -13,12 +13,19 @@ from sparsekit.modifiers.head_prune_grow import HeadPruneGrow
 
 def recipe(compute: str, tokens: bool = True) -> dict:
     phases = [
-        {"kind": "unstructured_dst", "sparsity": 0.5, "update_every": "3 steps", "end": "100%"},
+        {
+            "kind": "unstructured_dst",
+            "sparsity": 0.5,
+            "update_every": "3 steps",
+            "min_update_interval": "1 steps",
+            "end": "100%",
+        },
         {
             "kind": "head_prune_grow",
             "head_density": 0.5,
             "mlp_density": 0.5,
             "update_every": "3 steps",
+            "min_update_interval": "1 steps",
             "grow_batches": 2,
             "end": "100%",
         },

@@ -25,12 +25,19 @@ RECIPE = {
     "name": "ddp",
     "training": {"epochs": 4, "batch_size": GLOBAL_BATCH, "schedule": {"warmup": 0}},
     "phases": [
-        {"kind": "unstructured_dst", "sparsity": 0.5, "update_every": "3 steps", "end": "100%"},
+        {
+            "kind": "unstructured_dst",
+            "sparsity": 0.5,
+            "update_every": "3 steps",
+            "min_update_interval": "1 steps",
+            "end": "100%",
+        },
         {
             "kind": "head_prune_grow",
             "head_density": 0.5,
             "mlp_density": 0.5,
             "update_every": "3 steps",
+            "min_update_interval": "1 steps",
             "grow_batches": 2,
             "end": "100%",
         },
@@ -99,8 +106,8 @@ RUN_RECIPE = """
 name: ddp_run
 training: {epochs: 3, batch_size: 32, drop_path: 0.1, schedule: {warmup: 0}}
 phases:
-  - {kind: unstructured_dst, sparsity: 0.5, update_every: "10 steps"}
-  - {kind: head_prune_grow, head_density: 0.67, mlp_density: 0.5, update_every: "10 steps"}
+  - {kind: unstructured_dst, sparsity: 0.5, update_every: "10 steps", min_update_interval: "1 steps"}
+  - {kind: head_prune_grow, head_density: 0.67, mlp_density: 0.5, update_every: "10 steps", min_update_interval: "1 steps"}
   - {kind: token_select, keep_ratio: 0.5}
 """
 
@@ -205,8 +212,8 @@ training:
   optimizer: {name: sgd, lr: 0.05}
   schedule: {warmup: 0}
 phases:
-  - {kind: unstructured_dst, sparsity: 0.5, update_every: "2 steps"}
-  - {kind: head_prune_grow, head_density: 0.5, mlp_density: 0.5, update_every: "2 steps"}
+  - {kind: unstructured_dst, sparsity: 0.5, update_every: "2 steps", min_update_interval: "1 steps"}
+  - {kind: head_prune_grow, head_density: 0.5, mlp_density: 0.5, update_every: "2 steps", min_update_interval: "1 steps"}
   - {kind: token_select, keep_ratio: 0.5}
 """
 TINY = [

@@ -39,12 +39,18 @@ def combined_recipe(epochs: int = 2) -> dict:
         "name": "combined",
         "training": {"epochs": epochs, "batch_size": 32, "schedule": {"warmup": 0}},
         "phases": [
-            {"kind": "unstructured_dst", "sparsity": 0.5, "update_every": "2 steps"},
+            {
+                "kind": "unstructured_dst",
+                "sparsity": 0.5,
+                "update_every": "2 steps",
+                "min_update_interval": "1 steps",
+            },
             {
                 "kind": "head_prune_grow",
                 "head_density": 0.5,
                 "mlp_density": 0.5,
                 "update_every": "2 steps",
+                "min_update_interval": "1 steps",
             },
         ],
     }

@@ -24,6 +24,7 @@ def head_recipe(**phase) -> dict:
                 "head_density": 0.5,
                 "mlp_density": 0.5,
                 "update_every": "2 steps",
+                "min_update_interval": "1 steps",
                 "end": "100%",
                 **phase,
             }

@@ -31,7 +31,12 @@ RECIPE = {
     "name": "hostile",
     "training": {"epochs": 1, "batch_size": 64, "schedule": {"warmup": 0}},
     "phases": [
-        {"kind": "head_prune_grow", "head_density": 0.5, "update_every": "2 steps"},
+        {
+            "kind": "head_prune_grow",
+            "head_density": 0.5,
+            "update_every": "2 steps",
+            "min_update_interval": "1 steps",
+        },
         {"kind": "token_select", "keep_ratio": 0.75},
     ],
 }

@@ -138,6 +138,7 @@ def test_svite_plus_rows(tmp_path: Path) -> None:
             "sparsity": 0.5,
             "distribution": "erk",
             "update_every": "1 epochs",
+            "min_update_interval": "1 steps",
             "targets": {"roles": ["qkv", "proj", "fc1", "fc2", "patch_embed", "head"]},
         },
         tokens={"kind": "token_select", "keep_ratio": 186 / 196, "before_block": 0},

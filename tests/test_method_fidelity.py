@@ -24,6 +24,7 @@ def head_session(compute="active", lr=1e-2, weight_decay=0.01, **phase):
                 "kind": "head_prune_grow",
                 "head_density": 0.5,
                 "update_every": "2 steps",
+                "min_update_interval": "1 steps",
                 "end": "100%",
                 **phase,
             }
@@ -104,7 +105,9 @@ def test_prune_scores_equal_an_independent_taylor_computation(compute) -> None:
 
 
 def test_scores_add_up_over_batches_as_samples() -> None:
-    model, optimizer, session, heads = head_session(mlp_density=None, update_every="3 steps")
+    model, optimizer, session, heads = head_session(
+        mlp_density=None, update_every="3 steps", min_update_interval="1 steps"
+    )
     torch.manual_seed(2)
     for batch in (4, 2):
         train_step(
@@ -273,7 +276,9 @@ def test_dst_regrowth_after_a_long_run_moves_by_lr() -> None:
     torch.manual_seed(0)
     model = tiny_vit()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
-    recipe = load_recipe(dst_recipe(update_every="2 steps", end="100%"))
+    recipe = load_recipe(
+        dst_recipe(update_every="2 steps", min_update_interval="1 steps", end="100%")
+    )
     session = Session.from_recipe(recipe, model, optimizer, steps_per_epoch=4)
     dst = next(m for m in session.modifiers if isinstance(m, UnstructuredDST))
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -327,7 +332,9 @@ def test_update_due_on_a_skipped_step_waits_for_the_next_finite_step() -> None:
     torch.manual_seed(0)
     model = tiny_vit()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    recipe = load_recipe(dst_recipe(update_every="2 steps", end="100%"))
+    recipe = load_recipe(
+        dst_recipe(update_every="2 steps", min_update_interval="1 steps", end="100%")
+    )
     session = Session.from_recipe(recipe, model, optimizer, steps_per_epoch=4)
     dst = next(m for m in session.modifiers if isinstance(m, UnstructuredDST))
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))

@@ -29,8 +29,18 @@ RECIPE = {
     "name": "r",
     "training": {"epochs": 2, "batch_size": 32, "schedule": {"warmup": 0}},
     "phases": [
-        {"kind": "unstructured_dst", "sparsity": 0.5, "update_every": "3 steps"},
-        {"kind": "head_prune_grow", "head_density": 0.67, "update_every": "3 steps"},
+        {
+            "kind": "unstructured_dst",
+            "sparsity": 0.5,
+            "update_every": "3 steps",
+            "min_update_interval": "1 steps",
+        },
+        {
+            "kind": "head_prune_grow",
+            "head_density": 0.67,
+            "update_every": "3 steps",
+            "min_update_interval": "1 steps",
+        },
     ],
 }
 

@@ -157,12 +157,18 @@ SVITE_PLUS = {
     "name": "svite_plus",
     "training": {"epochs": 2, "batch_size": 32, "schedule": {"warmup": 0}},
     "phases": [
-        {"kind": "unstructured_dst", "sparsity": 0.5, "update_every": "5 steps"},
+        {
+            "kind": "unstructured_dst",
+            "sparsity": 0.5,
+            "update_every": "5 steps",
+            "min_update_interval": "1 steps",
+        },
         {
             "kind": "head_prune_grow",
             "head_density": 0.67,
             "mlp_density": 0.5,
             "update_every": "5 steps",
+            "min_update_interval": "1 steps",
         },
         {"kind": "token_select", "keep_ratio": 0.5},
     ],

@@ -45,6 +45,7 @@ RECIPE = {
             "start": 1,
             "sparsity": 0.7,
             "update_every": "3 steps",
+            "min_update_interval": "1 steps",
             "end": "100%",
             "init": "magnitude",
             "grow_accumulation": 2,

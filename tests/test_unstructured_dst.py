@@ -98,6 +98,7 @@ def test_gradient_growth_picks_largest_gradients() -> None:
     recipe = load_recipe(
         dst_recipe(
             update_every="1 steps",
+            min_update_interval="1 steps",
             end="100%",
             fraction_decay="constant",
             update_fraction=0.25,
@@ -143,6 +144,7 @@ def test_optimizer_state_zeroed_at_pruned_positions_after_dense_warmup() -> None
                 "sparsity": 0.5,
                 "init": "magnitude",
                 "update_every": "1 steps",
+                "min_update_interval": "1 steps",
                 "end": "100%",
             },
         ],
@@ -226,7 +228,14 @@ def test_non_finite_growth_gradients_keep_counts_exact() -> None:
     torch.manual_seed(0)
     model = tiny_vit()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    recipe = load_recipe(dst_recipe(update_every="1 steps", end="100%", targets={"roles": ["fc1"]}))
+    recipe = load_recipe(
+        dst_recipe(
+            update_every="1 steps",
+            min_update_interval="1 steps",
+            end="100%",
+            targets={"roles": ["fc1"]},
+        )
+    )
     session = Session.from_recipe(recipe, model, optimizer, steps_per_epoch=10)
     dst = session.modifiers[0]
     session.batch_start()

@@ -33,6 +33,7 @@ recipe = sparsekit.load_recipe(
                 "sparsity": 0.8,
                 "init": "magnitude",  # first mask: largest warmed-up weights
                 "update_every": "2 steps",
+                "min_update_interval": "1 steps",
                 "grow_accumulation": 2,
             },
         ],

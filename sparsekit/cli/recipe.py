@@ -13,6 +13,7 @@ from rich.table import Table
 from sparsekit.cli.apply import BatchOption, EpochsOption, LrOption, SetOption, overrides_from
 from sparsekit.cli.errors import reports_errors
 from sparsekit.errors import RecipeError
+from sparsekit.recipe.cadence import cadence_notes, update_cadence
 from sparsekit.recipe.load import load_recipe
 from sparsekit.recipe.schema import HeadPruneGrowPhase, Recipe, TokenSelectPhase
 from sparsekit.timeline import Timeline
@@ -76,6 +77,8 @@ def show(
         f"{timeline.total_steps:,} steps; {t.optimizer.name} lr {t.optimizer.lr:g}"
     )
     console.print(phase_table(recipe, timeline))
+    for note in cadence_notes(recipe, timeline):
+        console.print(f"note: {note}", highlight=False)
     counted = [
         (i, p)
         for i, p in enumerate(recipe.phases)
@@ -196,10 +199,10 @@ def phase_table(recipe: Recipe, timeline: Timeline) -> Table:
 
 def _settings(phase: Any, timeline: Timeline) -> str:
     if phase.kind == "unstructured_dst":
-        every = max(1, timeline.steps(phase.update_every))
+        cadence = update_cadence(phase, timeline)
         return (
             f"sparsity {phase.sparsity:g} ({phase.distribution}), grow {phase.grow}, "
-            f"every {every:,} steps, fraction {phase.update_fraction:g} "
+            f"every {cadence.every:,} steps ({cadence.count()} updates), fraction {phase.update_fraction:g} "
             f"{_decay(phase.fraction_decay)}, "
             f"roles {','.join(phase.targets.roles)}"
         )
@@ -209,7 +212,7 @@ def _settings(phase: Any, timeline: Timeline) -> str:
             f"roles {','.join(phase.targets.roles)}"
         )
     if phase.kind == "head_prune_grow":
-        every = max(1, timeline.steps(phase.update_every))
+        cadence = update_cadence(phase, timeline)
         heads = f"{phase.heads} per block" if phase.heads is not None else f"{phase.head_density:g}"
         mlp = ""
         if phase.mlp_neurons is not None:
@@ -217,7 +220,8 @@ def _settings(phase: Any, timeline: Timeline) -> str:
         elif phase.mlp_density is not None:
             mlp = f", MLP {phase.mlp_density:g}"
         return (
-            f"heads {heads}{mlp} ({phase.budget}), every {every:,} steps, "
+            f"heads {heads}{mlp} ({phase.budget}), every {cadence.every:,} steps "
+            f"({cadence.count()} updates), "
             f"fraction {phase.update_fraction:g} {_decay(phase.fraction_decay)}"
         )
     if phase.kind == "token_select":

@@ -9,6 +9,7 @@ from torch import nn
 
 from sparsekit.modifiers.base import Modifier
 from sparsekit.modifiers.schedules import is_update_step, next_update, update_fraction
+from sparsekit.recipe.cadence import update_cadence
 
 if TYPE_CHECKING:
     from sparsekit.session import Session
@@ -50,7 +51,7 @@ class PruneGrowModifier(Modifier):
             timeline.steps(config.start),
             timeline.steps(config.end),
             cls.find(config, model),
-            update_every=timeline.steps(config.update_every),
+            update_every=update_cadence(config, timeline).every,
             seed=seed,
             total_steps=timeline.total_steps,
         )

@@ -69,8 +69,19 @@ def _check_windows(recipe: Recipe) -> list[Problem]:
                     f"start ({phase.start}) must come before the run ends",
                 )
             )
-        if isinstance(phase, _SCHEDULED) and phase.update_every.value == 0:
-            problems.append((("phases", i, "update_every"), "update_every must be greater than 0"))
+        if isinstance(phase, _SCHEDULED) and phase.update_every is not None:
+            if phase.update_every.value == 0:
+                problems.append(
+                    (("phases", i, "update_every"), "update_every must be greater than 0")
+                )
+            if phase.updates is not None:
+                problems.append(
+                    (
+                        ("phases", i, "updates"),
+                        "give either update_every (time between updates) or updates (their "
+                        "number over the window), not both",
+                    )
+                )
     return problems
 
 

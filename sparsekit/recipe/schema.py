@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from sparsekit.errors import RecipeError
+from sparsekit.recipe.cadence import MIN_STEPS_BETWEEN_UPDATES
 from sparsekit.recipe.span import Span
 
 Role = Literal["qkv", "proj", "fc1", "fc2", "patch_embed", "head"]
@@ -125,7 +126,22 @@ class UnstructuredDSTPhase(_Phase):
     grow_accumulation: int = Field(
         1, ge=1, le=10_000, description="Batches whose dense gradients are summed for growth."
     )
-    update_every: Span = Field(Span(1, "epochs"), description="Time between prune/grow updates.")
+    update_every: Span | None = Field(
+        None,
+        description="Time between prune/grow updates; default 1 epoch (unless `updates` is given).",
+    )
+    updates: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Instead of update_every: this many updates, evenly spaced strictly inside "
+        "the window (every ceil(window / (updates + 1)) steps), whatever the run's length.",
+    )
+    min_update_interval: Span = Field(
+        Span(MIN_STEPS_BETWEEN_UPDATES, "steps"),
+        description="Fewest optimizer steps between updates: a shorter interval (a shortened "
+        "run) is raised to it, with a note. The default was chosen by measurement.",
+    )
     update_fraction: float = Field(
         0.5, gt=0, le=1, description="Share of active weights replaced at the first update."
     )
@@ -201,7 +217,22 @@ class HeadPruneGrowPhase(_Phase):
     init: Literal["random", "magnitude"] = Field(
         "random", description="First mask: random, or the units with the largest weights."
     )
-    update_every: Span = Field(Span(1, "epochs"), description="Time between prune/grow updates.")
+    update_every: Span | None = Field(
+        None,
+        description="Time between prune/grow updates; default 1 epoch (unless `updates` is given).",
+    )
+    updates: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Instead of update_every: this many updates, evenly spaced strictly inside "
+        "the window (every ceil(window / (updates + 1)) steps), whatever the run's length.",
+    )
+    min_update_interval: Span = Field(
+        Span(MIN_STEPS_BETWEEN_UPDATES, "steps"),
+        description="Fewest optimizer steps between updates: a shorter interval (a shortened "
+        "run) is raised to it, with a note. The default was chosen by measurement.",
+    )
     update_fraction: float = Field(
         0.5, gt=0, le=1, description="Share of active units replaced at the first update."
     )

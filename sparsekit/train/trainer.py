@@ -36,6 +36,7 @@ from sparsekit.compiler import compile_recipe
 from sparsekit.errors import DataError, SparsekitError, UsageError, user_message
 from sparsekit.models import MODEL_ARG_BOUNDS, ModelSpec, create_model, resolve_model_name
 from sparsekit.modifiers.schedules import warmup_cosine_lr
+from sparsekit.recipe.cadence import cadence_notes
 from sparsekit.recipe.load import dump_recipe
 from sparsekit.recipe.schema import Recipe, Training
 from sparsekit.session import Session
@@ -130,6 +131,8 @@ def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[
     timeline = Timeline(cfg.epochs, len(loader))
     # Compile first: a phase may add parameters (token scorers) that the optimizer must train.
     modifiers = compile_recipe(recipe, model, timeline)
+    for note in cadence_notes(recipe, timeline):
+        console.print(f"note: {note}", highlight=False)
     optimizer = make_optimizer(model, cfg)
     warmup = timeline.steps(cfg.schedule.warmup)
     base_lr = cfg.optimizer.lr
@@ -414,6 +417,16 @@ def summary_table(summary: dict[str, Any], out: Path) -> Table:
             )
         )
     rows.append(("non-zero parameters", f"{sp['nonzero_params']:,} of {sp['total_params']:,}"))
+    cost = summary.get("export_cost")
+    if cost:
+        rows.append(
+            (
+                "export (--compact), per image",
+                f"{cost['flops'] / 1e6:,.2f} MFLOPs ({cost['flops'] / cost['dense_flops']:.3f}x "
+                f"dense), {cost['params']:,} parameters ({cost['params'] / cost['dense_params']:.3f}"
+                "x dense)",
+            )
+        )
     for kind, suffix in (("heads", ".attn"), ("MLP neurons", ".mlp")):
         units = [u for name, u in summary["units"].items() if name.endswith(suffix)]
         if units:
@@ -620,6 +633,27 @@ def _summary(
             name: {"kept": int(keep.sum()), "total": keep.numel()}
             for name, keep in session.unit_masks().items()
         },
+        "export_cost": export_cost(spec, model, session),
+    }
+
+
+def export_cost(spec: ModelSpec, model: nn.Module, session: Session) -> dict[str, int]:
+    """What `sparsekit export --compact` of this model will cost per image, beside dense:
+    the compacted model is built in memory as the export builds it, and counted."""
+    from sparsekit.analysis.cost import model_cost
+    from sparsekit.export.writer import baked_model
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    masks = {k: v.cpu() for k, v in session.masks().items()}
+    units = {k: v.cpu() for k, v in session.unit_masks().items()}
+    compact = model_cost(baked_model(spec, state, masks, units, session.token_placements()))
+    dense = model_cost(create_model(spec))
+    return {
+        "flops": compact.flops,
+        "params": compact.params,
+        "nonzero_params": compact.nonzero_params,
+        "dense_flops": dense.flops,
+        "dense_params": dense.params,
     }
 
 
