@@ -3,6 +3,7 @@ and shipped recipes that can be shortened to any length."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,23 @@ def test_apply_and_recipe_show_print_the_note(tmp_path: Path) -> None:
     )  # fmt: skip
     assert applied.exit_code == 0, applied.output
     assert "note: phases[0] (unstructured_dst)" in applied.output
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("updates", "0", "phases[0].updates (line 7)"),
+        ("updates", "many", "phases[0].updates (line 7)"),
+        ("min_update_interval", "soon", "phases[0].min_update_interval (line 7)"),
+    ],
+)
+def test_bad_cadence_values_get_the_line_numbered_error(
+    tmp_path: Path, field: str, value: str, message: str
+) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: r\ntraining:\n  epochs: 10\nphases:\n  - kind: unstructured_dst\n"
+        f"    sparsity: 0.5\n    {field}: {value}\n"
+    )
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(path)
