@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparsekit.recipe.span import Span
-from sparsekit.timeline import Timeline
+
+if TYPE_CHECKING:  # recipe/ imports nothing of sparsekit at run time but errors (architecture.md)
+    from sparsekit.timeline import Timeline
 
 # Measured: benchmarks/update_cadence.py, docs/results.md#update-cadence.
 MIN_STEPS_BETWEEN_UPDATES = 90
