@@ -184,11 +184,11 @@ def test_export_refuses_a_downloaded_model_folder(tmp_path: Path) -> None:
 
 
 def test_a_second_exporter_is_refused(tmp_path: Path) -> None:
-    import sparsekit.export.writer as writer
+    from sparsekit.exclusive import locked_folder
 
     out = tmp_path / "export"
     out.mkdir()
-    with writer._exclusive(out), pytest.raises(SparsekitError, match="in use"):
+    with locked_folder(out, "held", str), pytest.raises(SparsekitError, match="in use"):
         _export(out)  # another process is exporting into it
     assert list(out.iterdir()) == []
     _export(out)  # once the other writer is done

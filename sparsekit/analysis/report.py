@@ -136,35 +136,27 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
     """
     import matplotlib
 
-    from sparsekit.exclusive import exclusive
+    from sparsekit.exclusive import locked_folder, refuse_unless_ours
 
-    if out.exists() and not out.is_dir():
-        raise SparsekitError(f"-o {out} is a file; give a folder for the report.")
-    if out.is_dir() and any(out.iterdir()) and not is_report(out):
-        raise SparsekitError(
-            f"-o {out} holds files that are not an earlier sparsekit report (only its "
-            "index.html and PNGs are replaced); nothing in it was touched. Give -o a new or "
-            "empty folder."
-        )
+    refuse_unless_ours(
+        out,
+        is_report,
+        is_file=f"-o {out} is a file; give a folder for the report.",
+        not_ours=f"-o {out} holds files that are not an earlier sparsekit report (only its "
+        "index.html and PNGs are replaced); nothing in it was touched. Give -o a new or empty "
+        "folder.",
+    )
     matplotlib.use("Agg")
     runs = [read_run(Path(f)) for f in folders]
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as err:
-        raise SparsekitError(
-            f"-o {out}: cannot create the report folder ({err.strerror}); give a folder you "
-            "can write."
-        ) from None
     busy = f"-o {out} is in use: another sparsekit report is being written there now."
-    try:
-        with exclusive(fd, busy):
-            return _write_files(runs, out)
-    except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()  # leave nothing behind that was not there
-        raise
+    with locked_folder(
+        out,
+        busy,
+        lambda reason: (
+            f"-o {out}: cannot create the report folder ({reason}); give a folder you can write."
+        ),
+    ):
+        return _write_files(runs, out)
 
 
 def _write_files(runs: list[RunRecord], out: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from sparsekit.atomic import default_file_mode, remove_torn
 from sparsekit.errors import SparsekitError
-from sparsekit.exclusive import exclusive
+from sparsekit.exclusive import locked_folder, refuse_unless_ours
 from sparsekit.export.manifest import (
     FORMAT_VERSION,
     METADATA_KEY,
@@ -131,37 +131,32 @@ def is_export(folder: Path) -> bool:
 def _write(
     out: Path, tensors: dict[str, torch.Tensor], manifest: Manifest, recipe_yaml: str | None
 ) -> None:
-    if out.exists() and not out.is_dir():
-        raise SparsekitError(f"{out} is a file; give -o a folder for the export.")
-    if out.is_dir() and any(out.iterdir()) and not is_export(out):
-        raise SparsekitError(
-            f"{out} holds files that are not an earlier sparsekit export (only "
-            f"{', '.join(EXPORT_FILES)} written by sparsekit are replaced); nothing in it was "
-            "touched. Give -o a new or empty folder."
+    refuse_unless_ours(
+        out,
+        is_export,
+        is_file=f"{out} is a file; give -o a folder for the export.",
+        not_ours=f"{out} holds files that are not an earlier sparsekit export (only "
+        f"{', '.join(EXPORT_FILES)} written by sparsekit are replaced); nothing in it was "
+        "touched. Give -o a new or empty folder.",
+    )
+    # Locked while it is written: a second writer is refused instead of deleting the first
+    # one's temporary files.
+    busy = (
+        f"{out} is in use: another sparsekit process is exporting into it now. Wait for it to "
+        "finish, or give -o another folder."
+    )
+
+    def cannot(reason: str) -> str:
+        return (
+            f"cannot write the export to {out} ({reason}); an earlier export there is "
+            "untouched. Give -o a folder you can write, or free disk space."
         )
-    created = not out.exists()
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with _exclusive(out):
+        with locked_folder(out, busy, cannot):
             _replace(out, tensors, manifest, recipe_yaml)
     except OSError as err:
-        raise SparsekitError(
-            f"cannot write the export to {out} ({err.strerror or err}); an earlier export there "
-            "is untouched. Give -o a folder you can write, or free disk space."
-        ) from None
-    finally:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # leave nothing behind that was not there
-
-
-def _exclusive(out: Path):
-    """The export folder itself, locked while it is written: a second writer is refused
-    instead of deleting the first one's temporary files."""
-    return exclusive(
-        os.open(out, os.O_RDONLY | os.O_DIRECTORY),
-        f"{out} is in use: another sparsekit process is exporting into it now. Wait for it to "
-        "finish, or give -o another folder.",
-    )
+        raise SparsekitError(cannot(err.strerror or str(err))) from None
 
 
 def _replace(

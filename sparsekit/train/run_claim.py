@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sparsekit.errors import SparsekitError
-from sparsekit.exclusive import exclusive
+from sparsekit.exclusive import locked_folder, refuse_unless_ours
 
 MARKER = ".sparsekit-run"
 _CONTENT = b"sparsekit run folder: written by `sparsekit apply`; locked while a run trains.\n"
@@ -41,45 +40,28 @@ def claim_run_folder(folder: Path) -> Iterator[None]:
         SparsekitError: the path is a file, the folder holds files sparsekit did not write, or
             another process is writing this run folder now.
     """
-    if folder.exists() and not folder.is_dir():
-        raise SparsekitError(
-            f"--output {folder} is a file, not a folder; give a folder for the run "
-            "(new, empty, or one that sparsekit apply created)."
-        )
-    if folder.is_dir() and any(folder.iterdir()) and not is_run_folder(folder):
-        raise SparsekitError(
-            f"--output {folder} already holds files that sparsekit did not write (it has no "
-            f"{MARKER} marker), so it is not a run folder; nothing in it was touched. Give a new "
-            "or empty folder for the run."
-        )
-    created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise SparsekitError(
-            f"--output {folder}: cannot create the run folder there ({err.strerror}); give a "
-            "folder you can write."
-        ) from None
+    refuse_unless_ours(
+        folder,
+        is_run_folder,
+        is_file=f"--output {folder} is a file, not a folder; give a folder for the run "
+        "(new, empty, or one that sparsekit apply created).",
+        not_ours=f"--output {folder} already holds files that sparsekit did not write (it has no "
+        f"{MARKER} marker), so it is not a run folder; nothing in it was touched. Give a new "
+        "or empty folder for the run.",
+    )
     busy = (
         f"--output {folder} is in use: another sparsekit process is writing this run folder "
         "now. Wait for it to finish (then continue it with --resume if it stopped early), or "
         "give another --output folder."
     )
-    with exclusive(fd, busy):
+
+    def cannot(reason: str) -> str:
+        return (
+            f"--output {folder}: cannot create the run folder there ({reason}); give a folder "
+            "you can write."
+        )
+
+    with locked_folder(folder, busy, cannot, lock_file=MARKER) as fd:
         if os.fstat(fd).st_size == 0:
             os.write(fd, _CONTENT)
-        try:
-            yield
-        except BaseException:
-            _remove_if_unused(folder, created)
-            raise
-
-
-def _remove_if_unused(folder: Path, created: bool) -> None:
-    """A run that failed before writing anything (a model or data refused) leaves nothing:
-    not the marker, and not the folder when it made it."""
-    if {p.name for p in folder.iterdir()} == {MARKER}:
-        (folder / MARKER).unlink()
-        if created:
-            folder.rmdir()
+        yield
