@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 from sparsekit import Session
 from sparsekit.models import create_model
 from sparsekit.recipe import Recipe, load_recipe
+from sparsekit.run_folder.records import read_metrics
 from sparsekit.train.data import build_data
-from sparsekit.train.run_folder import read_metrics
 from sparsekit.train.trainer import RunConfig, make_optimizer, model_spec, train
 
 ROOT = Path(__file__).parents[1]

@@ -11,8 +11,8 @@ Public API (everything else is internal and may change)::
 
 from sparsekit.errors import RecipeError, SparsekitError
 from sparsekit.recipe import Recipe, dump_recipe, load_recipe
+from sparsekit.version import __version__ as __version__  # re-exported
 
-__version__ = "0.1.0"
 __all__ = [
     "Recipe",
     "RecipeError",

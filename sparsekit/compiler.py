@@ -11,7 +11,7 @@ import zlib
 from torch import nn
 
 from sparsekit.errors import RecipeError
-from sparsekit.modifiers import MODIFIERS, Modifier
+from sparsekit.modifiers import Modifier, modifier_for
 from sparsekit.recipe.schema import Recipe
 from sparsekit.timeline import Timeline
 
@@ -28,7 +28,7 @@ def compile_recipe(recipe: Recipe, model: nn.Module, timeline: Timeline) -> list
         # Each phase draws from its own seed so adding a phase never changes another's masks.
         seed = zlib.crc32(f"{recipe.training.seed}:{index}".encode())
         try:
-            modifier = MODIFIERS[phase.kind].build(phase, model, timeline, seed)
+            modifier = modifier_for(type(phase)).build(phase, model, timeline, seed)
         except RecipeError as err:
             raise RecipeError(f"phases[{index}] ({phase.kind}): {err}") from None
         modifier.compute = recipe.training.compute
@@ -48,7 +48,7 @@ def _check_dense_windows(modifiers: list[Modifier]) -> None:
     """No sparse phase may start inside a dense warm-up (checked again here in steps, since
     the recipe checks cannot compare spans written in steps with spans in epochs)."""
     for i, warm in enumerate(modifiers):
-        if warm.kind != "dense_warmup":
+        if not warm.config.dense_window:
             continue
         for j, sparse in enumerate(modifiers):
             owns = sparse.masks_owned() or sparse.units_owned()

@@ -10,6 +10,7 @@ Call the events in this order around each optimizer step::
 
 (or `session.skip_step()` instead of the last three when a step is skipped, e.g. on a
 non-finite loss), and `session.epoch_end()` after each epoch, `session.finalize()` at the end.
+`session.close()` (or leaving `with Session(...) as session:`) gives the model back plain.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Session:
         self.step = 0  # optimizer steps completed before the current one
         self.epoch = 0
         self.events: list[dict[str, Any]] = []  # prune/grow updates, drained by the caller
+        self.closed = False
 
     @classmethod
     def from_recipe(
@@ -61,8 +63,33 @@ class Session:
         timeline = Timeline(recipe.training.epochs, steps_per_epoch)
         return cls(model, optimizer, compile_recipe(recipe, model, timeline), timeline)
 
+    # --- the model given back -------------------------------------------------------------
+    def close(self) -> None:
+        """Give the model back as the plain timm model it was built as: every phase takes out
+        its hooks, replaced forwards and added modules (the last phase first), and heads and
+        neurons its masks dropped are zeroed in place, so the plain model computes what the
+        masked one did. Token selection has no place in a plain timm model: its scorers leave
+        with it (export first, `export_model(..., placements=session.token_placements())`, to
+        keep it). The session takes no more steps; closing twice does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        for m in reversed(self.modifiers):
+            m.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- events ----------------------------------------------------------------------------
     def batch_start(self) -> None:
+        if self.closed:
+            raise SparsekitError(
+                "this session is closed: its phases were taken out of the model. Build a new "
+                "Session to train again."
+            )
         for m in self.modifiers:
             m.on_batch_start(self)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import sparsekit.export.writer as writer
 from sparsekit.export import export_model
 from sparsekit.models import ModelSpec, create_model
-from sparsekit.train.checkpoint import save_checkpoint
+from sparsekit.run_folder.checkpoint import save_checkpoint
 
 # Say when the files start to be written, so the test can aim its kills at the writing.
 write_files = writer._write

@@ -125,3 +125,80 @@ def test_inactive_units_are_untouched_by_active_steps() -> None:
             if torch.is_tensor(value) and value.shape == g.consumer.weight.shape:
                 assert torch.all(value[:, g.column_index(drop)] == 0)
         break
+
+
+def _attention(**kwargs) -> tuple[torch.nn.Module, object]:
+    from timm.layers import Attention
+
+    from sparsekit.surgery.units import UnitGroup
+
+    attn = Attention(32, num_heads=4, **kwargs).train()
+    producers = [(attn.qkv, 3)] + ([(attn.gate, 1)] if attn.gate is not None else [])
+    group = UnitGroup("attn", "heads", attn, 4, attn.head_dim, tuple(producers), attn.proj)
+    return attn, group
+
+
+def _mlp(kind: str) -> tuple[torch.nn.Module, object]:
+    from timm.layers import Mlp, SwiGLU
+
+    from sparsekit.surgery.units import UnitGroup
+
+    mlp = (Mlp(32, 48) if kind == "mlp" else SwiGLU(32, 48)).train()
+    producers = ((mlp.fc1, 1),) if kind == "mlp" else ((mlp.fc1_g, 1), (mlp.fc1_x, 1))
+    return mlp, UnitGroup("mlp", "neurons", mlp, 48, 1, producers, mlp.fc2)
+
+
+ATTENTIONS = {
+    "plain": {},
+    "qkv_bias": {"qkv_bias": True},
+    "qk_norm": {"qk_norm": True, "qkv_bias": True, "norm_layer": torch.nn.LayerNorm},
+    "gated": {"gated": True},
+}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("masked_keys", [False, True])
+@pytest.mark.parametrize("variant", list(ATTENTIONS))
+def test_active_attention_is_timms_forward(variant: str, fused: bool, masked_keys: bool) -> None:
+    """The active forward copies timm's `Attention.forward`: with every head kept it must give
+    what timm's own forward gives, outputs and gradients, in every supported configuration."""
+    torch.manual_seed(0)
+    attn, group = _attention(**ATTENTIONS[variant])
+    attn.fused_attn = fused
+    x = torch.randn(3, 7, 32)
+    mask = None
+    if masked_keys:  # what token selection passes: some keys hidden
+        mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+        mask[:, ..., 2] = False
+    _assert_active_is_timms(attn, group, lambda: attn(x, attn_mask=mask))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "swiglu"])
+def test_active_mlp_is_timms_forward(kind: str) -> None:
+    torch.manual_seed(0)
+    mlp, group = _mlp(kind)
+    x = torch.randn(3, 7, 32)
+    _assert_active_is_timms(mlp, group, lambda: mlp(x))
+
+
+def _assert_active_is_timms(module, group, forward) -> None:
+    """With every unit kept, the active forward gives timm's outputs and gradients."""
+    from sparsekit.surgery.active import ActiveForward
+    from sparsekit.surgery.units import UnitGate
+
+    keep = torch.ones(group.units, dtype=torch.bool)
+    active = ActiveForward([group], {group.name: UnitGate(group, keep)})
+    active.set({group.name: keep})
+    results = []
+    for enabled in (False, True):
+        active.enable() if enabled else active.disable()
+        module.zero_grad()
+        out = forward()
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in module.parameters()]))
+    active.disable()
+    assert "forward" not in vars(module)
+    (timm_out, timm_grads), (ours, our_grads) = results
+    torch.testing.assert_close(ours, timm_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(our_grads, timm_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

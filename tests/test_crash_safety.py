@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sparsekit.export import load_compact, read_export
-from sparsekit.train.checkpoint import load_checkpoint
+from sparsekit.run_folder.checkpoint import load_checkpoint
 
 TARGET = Path(__file__).with_name("crash_target.py")
 KILLS = 10  # per mode: 20 kill points in all
@@ -92,7 +92,7 @@ def test_killed_writers_leave_whole_files(tmp_path: Path, mode: str) -> None:
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
     import errno
 
-    import sparsekit.train.checkpoint as checkpoint
+    import sparsekit.run_folder.checkpoint as checkpoint
     from sparsekit.errors import SparsekitError
 
     path = tmp_path / "checkpoint.pt"
@@ -113,7 +113,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) 
 
 def test_a_tampered_or_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
     from sparsekit.errors import SparsekitError
-    from sparsekit.train.checkpoint import save_checkpoint
+    from sparsekit.run_folder.checkpoint import save_checkpoint
 
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"epoch": 1, "model": {"w": torch.ones(4)}})

@@ -150,7 +150,7 @@ def wait_until_free(folder: Path, seconds: float = 60) -> None:
     """Until no process holds the run folder's lock (a killed one's is dropped by the kernel
     once it has exited)."""
     from sparsekit.errors import SparsekitError
-    from sparsekit.train.run_claim import claim_run_folder
+    from sparsekit.run_folder.claim import claim_run_folder
 
     deadline = time.monotonic() + seconds
     while True:

@@ -21,13 +21,14 @@ from sparsekit.cli.main import app
 from sparsekit.compiler import compile_recipe
 from sparsekit.errors import SparsekitError
 from sparsekit.export import export_model, export_run, load_compact, read_export
-from sparsekit.export.manifest import FORMAT_VERSION, Manifest, export_sha256, tensors_sha256
+from sparsekit.export.manifest import FORMAT_VERSION, Manifest, export_sha256
+from sparsekit.hashing import tensors_sha256
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.recipe import dump_recipe
+from sparsekit.run_folder.trained_run import open_run
 from sparsekit.surgery.compact import unit_groups
 from sparsekit.surgery.tokens import Placement, TokenSelection
 from sparsekit.timeline import Timeline
-from sparsekit.train.run_folder import open_run
 from sparsekit.train.trainer import RunConfig, train
 
 SMALL = dict(img_size=32, patch_size=8, depth=2, num_classes=10)

@@ -123,7 +123,7 @@ def test_every_rank_resumes_the_cuda_generator_it_draws_from(
 ) -> None:
     """Rank 0 writes the checkpoint and drew from cuda:0; rank 1 draws from cuda:1, whose state
     in rank 0's process never moved. On resume rank 1's device takes cuda:0's state."""
-    from sparsekit.train.checkpoint import capture_rng, restore_rng
+    from sparsekit.run_folder.checkpoint import capture_rng, restore_rng
 
     devices = {0: torch.tensor([7]), 1: torch.tensor([1])}  # cuda:0 advanced, cuda:1 as seeded
     current = [0]

@@ -23,7 +23,7 @@ from sparsekit.analysis.paper_flops import paper_cost, paper_layout, paper_model
 from sparsekit.cli.inspect import _priced
 from sparsekit.cli.main import app
 from sparsekit.export import export_model
-from sparsekit.export.writer import baked_model
+from sparsekit.export.baked import baked_model
 from sparsekit.models import ModelSpec, create_model
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -270,3 +270,22 @@ def test_an_invalid_recipe_is_refused_by_name(tmp_path: Path) -> None:
     assert "error:" in result.output and "bad.yaml" in result.output
     assert "Traceback" not in result.output
     assert re.search(r"phases", result.output)
+
+
+@pytest.mark.parametrize(
+    "phase",
+    [
+        {"kind": "magnitude_prune", "sparsity": 0.7, "distribution": "uniform"},
+        {"kind": "unstructured_dst", "sparsity": 0.7, "distribution": "uniform"},
+    ],
+    ids=["magnitude_prune", "unstructured_dst"],
+)
+def test_inspect_prices_every_masking_kind_at_its_first_masks(tmp_path: Path, phase) -> None:
+    """Every kind that masks weights makes its first masks for `inspect --recipe` (a one-shot
+    kind as well as a prune-and-grow one): 30% of the target weights are kept."""
+    recipe = _tiny_recipe(tmp_path, weights=phase)
+    args = ["inspect", "--model", "deit_tiny", "--recipe", str(recipe), "--img-size", "64"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    densities = {b["weight_density"] for b in json.loads(result.stdout)["blocks"]}
+    assert densities and all(d == pytest.approx(0.3, abs=0.01) for d in densities), densities

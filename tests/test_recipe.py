@@ -252,4 +252,6 @@ def test_every_phase_kind_has_a_modifier() -> None:
     from sparsekit.recipe.schema import PHASE_KINDS, PHASES, Phase
 
     union = {p.model_fields["kind"].annotation.__args__[0] for p in Phase.__origin__.__args__}
-    assert set(PHASE_KINDS) == union == set(MODIFIERS) and len(PHASES) == len(union)
+    registered = {config.kind_name() for config in MODIFIERS}  # keyed by config class
+    assert set(PHASE_KINDS) == union == registered and len(PHASES) == len(union)
+    assert set(MODIFIERS) == set(PHASES)

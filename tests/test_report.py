@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from sparsekit import load_recipe
 from sparsekit.analysis.token_map import selectors_passed
 from sparsekit.cli.main import app
-from sparsekit.surgery.tokens import Placement, TokenSelection, kept_count
+from sparsekit.surgery.tokens import Placement, TokenSelection, kept_count, selection_of
 from sparsekit.train.trainer import RunConfig, train
 
 RECIPE = {
@@ -166,7 +166,7 @@ def test_token_map_names_the_patches_each_selector_keeps() -> None:
         1, scores.topk(first, dim=1).indices, True
     )
     assert torch.equal(passed >= 1, expected)
-    assert model.token_selection.trace is None  # tracing is switched off again
+    assert selection_of(model).trace is None  # tracing is switched off again
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ from helpers import dst_recipe
 
 from sparsekit import load_recipe
 from sparsekit.errors import SparsekitError
-from sparsekit.train.run_claim import MARKER, claim_run_folder
+from sparsekit.run_folder.claim import claim_run_folder
+from sparsekit.run_folder.layout import MARKER_FILE as MARKER
 from sparsekit.train.trainer import RunConfig, train
 
 
@@ -86,7 +87,7 @@ def test_a_second_writer_is_refused_while_the_first_runs(tmp_path: Path) -> None
 HOLDER = """
 import sys, time
 from pathlib import Path
-from sparsekit.train.run_claim import claim_run_folder
+from sparsekit.run_folder.claim import claim_run_folder
 with claim_run_folder(Path(sys.argv[1])):
     print("claimed", flush=True)
     time.sleep(60)

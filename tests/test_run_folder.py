@@ -13,8 +13,9 @@ from helpers import dst_recipe
 from sparsekit import load_recipe
 from sparsekit.errors import SparsekitError
 from sparsekit.export import export_run
-from sparsekit.train.checkpoint import load_checkpoint, require_complete, save_checkpoint
-from sparsekit.train.run_folder import open_run, read_metrics
+from sparsekit.run_folder.checkpoint import load_checkpoint, require_complete, save_checkpoint
+from sparsekit.run_folder.records import read_metrics
+from sparsekit.run_folder.trained_run import open_run
 from sparsekit.train.trainer import RunConfig, train
 
 

@@ -16,9 +16,10 @@ from sparsekit.errors import SparsekitError
 from sparsekit.export import export_run, load_compact
 from sparsekit.models import create_model
 from sparsekit.modifiers.token_select import TokenSelect
+from sparsekit.run_folder.records import read_metrics
+from sparsekit.run_folder.trained_run import open_run
 from sparsekit.surgery.tokens import Placement, TokenSelection, kept_count
 from sparsekit.timeline import Timeline
-from sparsekit.train.run_folder import open_run, read_metrics
 from sparsekit.train.trainer import RunConfig, train
 
 TWO_STAGES = [Placement(0, 0.75), Placement(1, 0.5)]

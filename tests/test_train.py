@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from sparsekit.cli.main import app
 from sparsekit.recipe import load_recipe
-from sparsekit.train.checkpoint import load_checkpoint
+from sparsekit.run_folder.checkpoint import load_checkpoint
 from sparsekit.train.trainer import RunConfig, train
 
 runner = CliRunner()
@@ -304,7 +304,7 @@ def test_an_unreadable_image_is_named(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
     from sparsekit.errors import SparsekitError
-    from sparsekit.train.checkpoint import save_checkpoint
+    from sparsekit.run_folder.checkpoint import save_checkpoint
 
     run(tmp_path, "other", stop_after_epoch=1)
     path = tmp_path / "other" / "checkpoint.pt"
@@ -437,3 +437,49 @@ def test_a_refused_model_leaves_no_run_folder(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.exit_code == 1 and "dim should be divisible by num_heads" in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_training_steps_read_the_device_only_at_logging_intervals(
+    tmp_path: Path, monkeypatch, mode: str
+) -> None:
+    """The trainer leaves each step's loss and accuracy on the device and reads them (one
+    CPU-GPU synchronisation) at logging intervals and the end of the epoch; `skip` alone reads
+    every step's loss, to decide before the backward pass."""
+    import sys
+
+    import sparsekit.train.nonfinite as nonfinite
+    import sparsekit.train.trainer as trainer
+
+    readers: list[str] = []  # the trainer's functions that read a tensor back to the CPU
+    loop_files = {trainer.__file__, nonfinite.__file__}
+
+    def counted(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename in loop_files:
+                readers.append(caller.co_name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    monkeypatch.setattr(trainer, "LOG_EVERY", 3)  # 8 steps an epoch: logged at 3, 6 and 8
+    recipe = dict(RECIPE, training={**RECIPE["training"], "nonfinite_loss": mode})
+    config = RunConfig(
+        model="vit_tiny_patch16_224",
+        data="synthetic",
+        output=tmp_path / mode,
+        extra=SMALL_MODEL,
+        stop_after_epoch=1,
+    )
+    train(load_recipe(recipe), config)
+    per_step = {"stop": set(), "skip": {"all_finite"}}[mode]
+    assert set(readers) <= {"read", "check"} | per_step, readers
+    assert readers.count("check") == (3 if mode == "stop" else 0)
+    assert readers.count("all_finite") == (8 if mode == "skip" else 0)
+    # The progress line reads the sums 3 times, the epoch's metrics and evaluation once each.
+    assert readers.count("read") == 2 * (3 + 1 + 1)

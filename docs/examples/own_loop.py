@@ -103,3 +103,8 @@ print(
     f"{len(masks)} sparse weights, {kept:,} of {total:,} kept "
     f"({1 - kept / total:.4f} sparse, asked for {recipe.phases[1].sparsity})"
 )
+
+# 5. Give the model back plain: the phases take their hooks and changes out again.
+session.close()
+assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+print("session closed: a plain timm model again")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsekit.surgery.tokens import selection_of
 from sparsekit.surgery.units import UnitGroup
 
 
@@ -53,7 +54,7 @@ def tokens_of(model: nn.Module) -> int:
 
 def block_tokens(model: nn.Module) -> list[int]:
     """Sequence length of each block in eval mode, after the model's token selectors."""
-    selection = getattr(model, "token_selection", None)
+    selection = selection_of(model)
     if selection is None or not selection.enabled:
         return [tokens_of(model)] * len(model.blocks)
     return selection.tokens_per_block(model.patch_embed.num_patches)
@@ -88,7 +89,7 @@ def _block_cost(block: nn.Module, n: int) -> BlockCost:
 
 def _scorer_flops(model: nn.Module, tokens: list[int]) -> int:
     """Each token scorer is one Linear(dim, 1) over the tokens entering its block."""
-    selection = getattr(model, "token_selection", None)
+    selection = selection_of(model)
     if selection is None or not selection.enabled:
         return 0
     entering = [tokens_of(model), *tokens[:-1]]

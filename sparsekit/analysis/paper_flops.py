@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sparsekit.analysis.cost import block_tokens, tokens_of
+from sparsekit.surgery.tokens import selection_of
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def _live_heads(attn: nn.Module) -> int:
 
 def _scorer_macs(model: nn.Module, tokens: list[int]) -> int:
     """Each token scorer is a Linear(dim, 1) over the tokens entering its block."""
-    selection = getattr(model, "token_selection", None)
+    selection = selection_of(model)
     if selection is None or not selection.enabled:
         return 0
     entering = [tokens_of(model), *tokens[:-1]]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsekit.errors import SparsekitError
+from sparsekit.run_folder.layout import CHECKPOINT_FILE, METRICS_FILE
 
 
 @dataclass
@@ -50,11 +51,11 @@ def read_run(folder: Path) -> RunRecord:
     Raises:
         SparsekitError: the folder has no metrics.jsonl.
     """
-    from sparsekit.train.run_folder import read_metrics, read_summary
+    from sparsekit.run_folder.records import read_metrics, read_summary
 
-    if not (folder / "metrics.jsonl").is_file():
+    if not (folder / METRICS_FILE).is_file():
         raise SparsekitError(
-            f"{folder} has no metrics.jsonl: give run folders written by `sparsekit apply`."
+            f"{folder} has no {METRICS_FILE}: give run folders written by `sparsekit apply`."
         )
     records = read_metrics(folder)
     summary = read_summary(folder) or {}
@@ -66,7 +67,7 @@ def read_run(folder: Path) -> RunRecord:
     )
     # A checkpoint this version cannot rebuild leaves the run plotted without its cost and map.
     with contextlib.suppress(SparsekitError):
-        if (folder / "checkpoint.pt").is_file():
+        if (folder / CHECKPOINT_FILE).is_file():
             _measure(run, folder)
     return run
 
@@ -80,9 +81,10 @@ def _measure(run: RunRecord, folder: Path) -> None:
     import torch
 
     from sparsekit.analysis.cost import model_cost
-    from sparsekit.analysis.token_map import read_samples, selectors_passed
-    from sparsekit.export.writer import baked_model
-    from sparsekit.train.run_folder import open_run
+    from sparsekit.analysis.token_map import selectors_passed
+    from sparsekit.export.baked import baked_model
+    from sparsekit.run_folder.samples import read_samples
+    from sparsekit.run_folder.trained_run import open_run
 
     trained = open_run(folder)
     model = baked_model(

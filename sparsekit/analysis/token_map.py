@@ -1,42 +1,15 @@
 """Which patches the token selectors keep on a few validation images: the report's token map.
 
-A token-selecting run keeps the first few validation images, exactly as the model sees them, in
-its folder (`val_samples.safetensors`), so the map can be drawn later from the run folder alone,
-with the selectors of the last checkpoint.
+The images are the ones a token-selecting run keeps in its folder
+(`sparsekit.run_folder.samples`); the selectors are those of the run's last checkpoint.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset
 
-from sparsekit.atomic import atomic_path
-
-SAMPLES_FILE = "val_samples.safetensors"
-SAMPLE_COUNT = 6
-
-
-def save_samples(folder: Path, dataset: Dataset, count: int = SAMPLE_COUNT) -> None:
-    """Write the first `count` images of `dataset` (after its transform) into the run folder."""
-    images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
-    with atomic_path(folder / SAMPLES_FILE) as tmp:
-        save_file({"images": images.float().contiguous()}, str(tmp))
-
-
-def read_samples(folder: Path) -> torch.Tensor | None:
-    """The saved images (None when the run has none, or the file cannot be read)."""
-    path = folder / SAMPLES_FILE
-    if not path.is_file():
-        return None
-    try:
-        return load_file(str(path))["images"]
-    except (SafetensorError, OSError, KeyError):
-        return None
+from sparsekit.surgery.tokens import selection_of
 
 
 @torch.no_grad()
@@ -45,10 +18,10 @@ def selectors_passed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     selectors kept it: 0 = dropped by the first, len(placements) = kept to the end.
 
     Args:
-        model: an eval-mode model with its `token_selection` installed (as `baked_model` or
+        model: an eval-mode model with its token selection installed (as `baked_model` or
             `load_compact` returns it).
     """
-    selection = model.token_selection
+    selection = selection_of(model)
     selection.trace = []
     try:
         model(images)

@@ -16,6 +16,7 @@ from rich.table import Table
 from sparsekit.cli.apply import SetOption
 from sparsekit.cli.errors import reports_errors
 from sparsekit.errors import SparsekitError, UsageError
+from sparsekit.run_folder.layout import CHECKPOINT_FILE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -117,7 +118,7 @@ def inspect(
         )
     if path is not None:
         spec, what, subject = _from_path(path)
-        source = "run" if (path / "checkpoint.pt").is_file() else "export"
+        source = "run" if (path / CHECKPOINT_FILE).is_file() else "export"
         dense = _seeded(lambda: create_model(spec).eval())
     else:
         assert model is not None
@@ -163,16 +164,16 @@ def _seeded(build: Callable[[], T]) -> T:
 
 def _from_path(path: Path) -> tuple[ModelSpec, str, nn.Module]:
     from sparsekit.export import load_compact, read_export
-    from sparsekit.export.writer import baked_model
+    from sparsekit.export.baked import baked_model
     from sparsekit.models import ModelSpec
-    from sparsekit.train.run_folder import open_run
+    from sparsekit.run_folder.trained_run import open_run
 
     if not path.exists():
         raise SparsekitError(
             f"{path} does not exist; give the folder `sparsekit apply` or `sparsekit export` "
             "wrote, or --model NAME to price a model before training."
         )
-    if (path / "checkpoint.pt").is_file():
+    if (path / CHECKPOINT_FILE).is_file():
         run = open_run(path)
         what = f"run {path} (epoch {run.epoch}), compacted in memory"
         model = baked_model(run.spec, run.weights, run.masks, run.unit_masks, run.placements)
@@ -199,9 +200,8 @@ def _priced(
     run stopped at its first batch would hold it: the recipe is compiled by the real compiler
     and every prune/grow phase makes its first masks, so unit budgets and layer densities come
     from the modifiers' own rules."""
-    from sparsekit.export.writer import baked_model
+    from sparsekit.export.baked import baked_model
     from sparsekit.models import ModelSpec, create_model, resolve_model_name
-    from sparsekit.modifiers.prune_grow import PruneGrowModifier
     from sparsekit.recipe.load import load_recipe
     from sparsekit.timeline import Timeline
 
@@ -223,9 +223,7 @@ def _priced(
     units: dict[str, Any] = {}
     placements: list[Any] = []
     for m in modifiers:
-        if isinstance(m, PruneGrowModifier):
-            m.initialize(None)  # as the session does at the phase's first batch
-            m.initialized = True
+        m.first_masks()  # as the session does at the phase's first batch
         masks.update(m.masks())
         units.update(m.unit_masks())
         placements += m.token_placements()

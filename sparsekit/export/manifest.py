@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparsekit.hashing import tensors_sha256
 from sparsekit.models import MAX_MLP_RATIO, MAX_STR_LEN, MODEL_ARG_BOUNDS
 
 FORMAT_VERSION = 2
@@ -97,13 +98,3 @@ def sealed(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Manifest:
     """`manifest` with `sha256` set for `tensors`, as `read_export` will recompute it."""
     stored = Manifest.model_validate_json(manifest.model_dump_json())  # as it will be read back
     return stored.model_copy(update={"sha256": export_sha256(stored, tensors)})
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """A hash of the tensors that changes if any name, dtype, shape or value changes."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

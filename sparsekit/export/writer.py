@@ -10,7 +10,6 @@ file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from torch import nn
 from sparsekit.atomic import default_file_mode, remove_torn
 from sparsekit.errors import SparsekitError
 from sparsekit.exclusive import locked_folder, refuse_unless_ours
+from sparsekit.export.baked import baked_model
 from sparsekit.export.manifest import (
     FORMAT_VERSION,
     METADATA_KEY,
@@ -32,9 +32,11 @@ from sparsekit.export.manifest import (
     TokenSelector,
     sealed,
 )
-from sparsekit.models import ModelSpec, create_model
-from sparsekit.surgery.compact import bake_
-from sparsekit.surgery.tokens import Placement, TokenSelection
+from sparsekit.hashing import recipe_sha256
+from sparsekit.models import ModelSpec
+from sparsekit.run_folder.trained_run import open_run
+from sparsekit.surgery.tokens import Placement
+from sparsekit.version import __version__
 
 EXPORT_FILES = ("model.safetensors", "config.json", "recipe.yaml")
 
@@ -62,8 +64,6 @@ def export_model(
     """
     model = baked_model(spec, state, masks, unit_masks, placements, compact)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    from sparsekit import __version__
-
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         sparsekit_version=__version__,
@@ -75,30 +75,12 @@ def export_model(
             TokenSelector(before_block=p.before_block, keep_ratio=p.keep_ratio)
             for p in placements or []
         ],
-        recipe_sha256=hashlib.sha256(recipe_yaml.encode()).hexdigest() if recipe_yaml else None,
+        recipe_sha256=recipe_sha256(recipe_yaml) if recipe_yaml else None,
         sha256=UNSEALED,
     )
     manifest = sealed(manifest, tensors)  # one hash over the manifest and the tensors
     _write(Path(out), tensors, manifest, recipe_yaml)
     return manifest
-
-
-@torch.no_grad()
-def baked_model(
-    spec: ModelSpec,
-    state: dict[str, torch.Tensor],
-    masks: dict[str, torch.Tensor] | None = None,
-    unit_masks: dict[str, torch.Tensor] | None = None,
-    placements: list[Placement] | None = None,
-    compact: bool = True,
-) -> nn.Module:
-    """The model an export holds, in memory: a plain timm model (with its token selectors)
-    carrying the trained weights, masks baked in, dropped units removed when `compact`."""
-    model = create_model(spec)
-    if placements:
-        TokenSelection(model, placements)
-    model.load_state_dict(state)
-    return bake_(model, masks or {}, unit_masks or {}, compact).eval()
 
 
 def block_shapes(model: nn.Module) -> list[BlockShape]:
@@ -181,8 +163,6 @@ def _replace(
 
 def export_run(run_dir: str | Path, out: str | Path, compact: bool = True) -> Manifest:
     """Export the last checkpoint of a `sparsekit apply` run folder."""
-    from sparsekit.train.run_folder import open_run
-
     run = open_run(Path(run_dir))
     return export_model(
         run.spec,

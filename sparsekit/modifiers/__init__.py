@@ -1,13 +1,8 @@
 """Modifiers: recipe phases at run time. Importing this package registers every kind."""
 
-from sparsekit.modifiers import (  # noqa: F401  (registration)
-    dense_warmup,
-    head_prune_grow,
-    magnitude_prune,
-    token_select,
-    unstructured_dst,
-)
 from sparsekit.modifiers.base import Modifier
-from sparsekit.modifiers.registry import MODIFIERS
+from sparsekit.modifiers.registry import MODIFIERS, load_all, modifier_for, register
 
-__all__ = ["MODIFIERS", "Modifier"]
+load_all()
+
+__all__ = ["MODIFIERS", "Modifier", "modifier_for", "register"]

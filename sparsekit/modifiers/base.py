@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel
 from torch import nn
 
+from sparsekit.surgery.edits import ModelEdits
+
 if TYPE_CHECKING:
+    from rich.console import RenderableType
+
     from sparsekit.session import Session
     from sparsekit.timeline import Timeline
 
@@ -20,7 +24,8 @@ if TYPE_CHECKING:
 class Modifier:
     """One recipe phase at run time, active on steps `[start_step, end_step)`."""
 
-    kind: ClassVar[str]
+    kind: ClassVar[str]  # set by @register, from the config class
+    config_type: ClassVar[type[BaseModel]]
     # How training steps compute (`training.compute`), set by the compiler: "active" runs only
     # the kept heads, neurons and tokens where a modifier supports it, "masked" runs full size.
     compute: str = "masked"
@@ -30,11 +35,21 @@ class Modifier:
         self.model = model
         self.start_step = start_step
         self.end_step = end_step
+        # Every hook, forward and module this modifier puts into the model, undone by `close`.
+        self.edits = ModelEdits()
 
     @classmethod
     def build(cls, config: Any, model: nn.Module, timeline: Timeline, seed: int) -> Modifier:
         """Make the modifier for one phase; kinds that need more than a window override this."""
         return cls(config, model, timeline.steps(config.start), timeline.steps(config.end))
+
+    @classmethod
+    def describe_on(
+        cls, config: Any, index: int, model: nn.Module, label: str
+    ) -> RenderableType | None:
+        """What phase `index` keeps in each block of `model` (named `label`), for
+        `recipe show --model`; kinds whose config has `per_block` override this."""
+        return None
 
     @property
     def label(self) -> str:
@@ -67,6 +82,16 @@ class Modifier:
 
     def finalize(self, session: Session) -> None:
         """Training is over; leave the model in its final state."""
+
+    def close(self) -> None:
+        """Take every change this modifier made to the model out again (`Session.close`);
+        kinds that gate units zero the dropped ones first, so the plain model computes what the
+        gated one did."""
+        self.edits.undo()
+
+    def first_masks(self) -> None:
+        """Make the phase's first masks now, as at its first batch but without an optimizer
+        (what `sparsekit inspect --recipe` shows); kinds without masks do nothing."""
 
     def masks_owned(self) -> list[str]:
         """Names of the parameters whose sparsity this modifier controls."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from sparsekit.modifiers.base import Modifier
 from sparsekit.modifiers.registry import register
+from sparsekit.recipe.phases import DenseWarmupPhase
 
 
-@register("dense_warmup")
+@register(DenseWarmupPhase)
 class DenseWarmup(Modifier):
     """Marks a dense window on the timeline."""

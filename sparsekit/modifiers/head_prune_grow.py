@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from rich.table import Table
 from torch import nn
 
 from sparsekit.errors import RecipeError
@@ -29,17 +30,17 @@ from sparsekit.modifiers.prune_grow import PruneGrowModifier
 from sparsekit.modifiers.registry import register
 from sparsekit.recipe.schema import HeadPruneGrowPhase
 from sparsekit.surgery.active import ActiveForward
+from sparsekit.surgery.compact import zero_units_
+from sparsekit.surgery.optimizer_state import may_move_without_gradient, zero_and_restart
+from sparsekit.surgery.unit_slices import FrozenSlices, unit_positions, unit_slices
 from sparsekit.surgery.units import UnitGate, UnitGroup, head_groups, neuron_groups
 
 if TYPE_CHECKING:
     from sparsekit.session import Session
     from sparsekit.surgery.optimizer_state import OptimizerRestarts
 
-# A slice of a parameter that belongs to some units: (tensor, dim, index).
-Slice = tuple[torch.Tensor, int, torch.Tensor]
 
-
-@register("head_prune_grow")
+@register(HeadPruneGrowPhase)
 class HeadPruneGrow(PruneGrowModifier):
     """Unit masks appear at `start_step`, change every `update_every` steps until `end_step`,
     and stay fixed until the run ends."""
@@ -73,10 +74,9 @@ class HeadPruneGrow(PruneGrowModifier):
         self.prune_samples = 0
         self.grow_samples = 0
         self._gates: dict[str, UnitGate] = {}
-        self._active = ActiveForward(groups, self._gates)
+        self._active = ActiveForward(groups, self._gates, self.edits)
         self._grow_batch = False  # this step's batch scores growth (and so runs full size)
-        self._frozen: list[Slice] = []
-        self._snapshot: list[torch.Tensor] = []
+        self._frozen = FrozenSlices()  # the inactive units' parameters
 
     @classmethod
     def find(cls, config: HeadPruneGrowPhase, model: nn.Module) -> list[UnitGroup]:
@@ -105,7 +105,7 @@ class HeadPruneGrow(PruneGrowModifier):
         # Growth is scored on the last `grow_batches` batches before each update, from the gate
         # gradients of inactive units, which only a full-size step has: those steps run full
         # size, the others (with compute: active) on the kept units only.
-        self._grow_batch = self.update_soon(session.step, self.config.grow_batches)
+        self._grow_batch = self.in_grow_window(session.step, self.config.grow_batches)
         if self.compute == "masked" or self._grow_batch:
             self._active.disable()
         else:
@@ -114,8 +114,7 @@ class HeadPruneGrow(PruneGrowModifier):
     def before_optimizer_step(self, session: Session) -> None:
         if not self.initialized:
             return
-        # Updates are still to come (a deferred one included).
-        scoring = session.step + 1 < self.end_step or self.deferred is not None
+        scoring = self.updates_ahead(session.step)
         grow = scoring and self._grow_batch
         samples = 0
         for name, gate in self._gates.items():
@@ -130,16 +129,12 @@ class HeadPruneGrow(PruneGrowModifier):
         if scoring:  # every gate saw the same batch
             self.prune_samples += samples
             self.grow_samples += samples if grow else 0
-        if _may_move_frozen(session.optimizer):
-            with torch.no_grad():
-                self._snapshot = [t.index_select(dim, index) for t, dim, index in self._frozen]
+        if may_move_without_gradient(session.optimizer):
+            self._frozen.save()
 
-    @torch.no_grad()
     def after_optimizer_step(self, session: Session) -> None:
         # Weight decay moves weights whose gradient is 0: put the frozen units back.
-        for (t, dim, index), saved in zip(self._frozen, self._snapshot, strict=False):
-            t.index_copy_(dim, index, saved)
-        self._snapshot = []
+        self._frozen.restore()
 
     # --- masks -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -155,9 +150,8 @@ class HeadPruneGrow(PruneGrowModifier):
             self.keeps[g.name] = keep
         self._reset_scores()
         self._install()
-        if restarts is not None:
-            for t, where in _positions(self._slices({n: ~k for n, k in self.keeps.items()})):
-                restarts.zero(t, where)
+        dropped = {n: ~k for n, k in self.keeps.items()}
+        zero_and_restart(restarts, pruned=unit_positions(self.groups, dropped))
         return self._counts()
 
     @torch.no_grad()
@@ -175,13 +169,13 @@ class HeadPruneGrow(PruneGrowModifier):
                     self._swap([g], prune_score, grow_score, fraction)
         changed = {n: old[n] ^ self.keeps[n] for n in self.keeps}
         self._install()
-        if restarts is not None:
-            pruned = {n: changed[n] & old[n] for n in changed}
-            grown = {n: changed[n] & self.keeps[n] for n in changed}
-            for t, where in _positions(self._slices(pruned)):
-                restarts.zero(t, where)
-            for t, where in _positions(self._slices(grown)):
-                restarts.restart(t, where)
+        pruned = {n: changed[n] & old[n] for n in changed}
+        grown = {n: changed[n] & self.keeps[n] for n in changed}
+        zero_and_restart(
+            restarts,
+            pruned=unit_positions(self.groups, pruned),
+            grown=unit_positions(self.groups, grown),
+        )
         self._reset_scores()
         swapped = {
             kind: sum(int(changed[g.name].sum()) // 2 for g in self.groups if g.kind == kind)
@@ -270,25 +264,9 @@ class HeadPruneGrow(PruneGrowModifier):
             if g.name in self._gates:
                 self._gates[g.name].set(self.keeps[g.name])
             else:
-                self._gates[g.name] = UnitGate(g, self.keeps[g.name])
+                self._gates[g.name] = UnitGate(g, self.keeps[g.name], self.edits)
         self._active.set(self.keeps)
-        self._frozen = self._slices({n: ~k for n, k in self.keeps.items()})
-
-    def _slices(self, selected: dict[str, torch.Tensor]) -> list[Slice]:
-        """Every parameter slice that belongs to the selected units: producer rows and biases,
-        consumer columns."""
-        out: list[Slice] = []
-        for g in self.groups:
-            units = selected[g.name]
-            if not units.any():
-                continue
-            for producer, chunks in g.rows:
-                rows = g.row_index(units, chunks)
-                out.append((producer.weight, 0, rows))
-                if producer.bias is not None:
-                    out.append((producer.bias, 0, rows))
-            out.append((g.consumer.weight, 1, g.column_index(units)))
-        return out
+        self._frozen.slices = unit_slices(self.groups, {n: ~k for n, k in self.keeps.items()})
 
     def _counts(self) -> dict[str, Any]:
         """Event fields: units kept by kind, and which heads each block keeps (for reports)."""
@@ -304,6 +282,53 @@ class HeadPruneGrow(PruneGrowModifier):
             if g.kind == "heads"
         }
         return counts
+
+    def close(self) -> None:
+        """Take the gates and the active forward out, with the dropped units' weights zeroed:
+        the plain model computes what the gated one did."""
+        super().close()
+        if self.initialized:
+            zero_units_({g.name: g for g in self.groups}, self.keeps)
+
+    @classmethod
+    def describe_on(
+        cls, config: HeadPruneGrowPhase, index: int, model: nn.Module, label: str
+    ) -> Table:
+        """Heads and MLP neurons each block keeps (`HeadPruneGrowPhase.kept_units`).
+
+        Raises:
+            RecipeError: an exact count larger than the model's, or min_heads above its heads.
+        """
+        groups = cls.find(config, model)
+        heads = [g for g in groups if g.kind == "heads"]
+        neurons = [g for g in groups if g.kind == "neurons"]
+        budget = (
+            "per block, all run"
+            if config.budget == "per_block"
+            else "at the first mask; budget: global keeps the total, blocks may trade units"
+        )
+        table = Table(title=f"phases[{index}] head_prune_grow on {label}: units kept ({budget})")
+        for column in ("block", "heads kept", "MLP neurons kept"):
+            table.add_column(column)
+        totals = [0, 0, 0, 0]
+        for b, group in enumerate(heads):
+            kept = config.kept_units("heads", group.units)
+            totals[0] += kept
+            totals[1] += group.units
+            cell = "all (MLP whole)"
+            if neurons:
+                mlp = neurons[b]
+                n_kept = config.kept_units("neurons", mlp.units)
+                totals[2] += n_kept
+                totals[3] += mlp.units
+                cell = f"{n_kept:,} of {mlp.units:,}"
+            table.add_row(str(b), f"{kept} of {group.units}", cell)
+        table.add_row(
+            "total",
+            f"{totals[0]:,} of {totals[1]:,}",
+            f"{totals[2]:,} of {totals[3]:,}" if neurons else "",
+        )
+        return table
 
     # --- reporting and resume --------------------------------------------------------------
     def units_owned(self) -> list[str]:
@@ -380,23 +405,3 @@ def _unit_norms(group: UnitGroup) -> torch.Tensor:
     cols = group.consumer.weight.detach().double().pow(2).sum(0).cpu()
     total += cols.view(group.units, group.width).sum(1)
     return total.sqrt()
-
-
-def _may_move_frozen(optimizer: torch.optim.Optimizer | None) -> bool:
-    """Whether the optimizer can move a weight whose gradient is exactly 0: weight decay does
-    (AdamW's decoupled decay, or the L2 term of Adam and SGD); unknown optimizers might."""
-    if optimizer is None:
-        return True
-    if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD):
-        return True
-    return any(group.get("weight_decay", 0.0) for group in optimizer.param_groups)
-
-
-def _positions(slices: list[Slice]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The slices as (parameter, bool mask of its positions), one per parameter."""
-    out: dict[torch.Tensor, torch.Tensor] = {}
-    for t, dim, index in slices:
-        if t not in out:
-            out[t] = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
-        out[t].index_fill_(dim, index, True)
-    return list(out.items())

@@ -1,39 +1,103 @@
 """One-shot magnitude pruning, then fine-tuning with the mask fixed: the baseline a user would
 otherwise pick, and the one SViTE's exploration is measured against.
 
-It is unstructured DST without updates: the same layer budgets (ERK or uniform, exact counts),
-the same masking of gradients and optimizer state, and a first mask that keeps each layer's
-largest |w| at `start`.
+It keeps unstructured DST's masks without its updates: the same layer budgets (ERK or uniform,
+exact counts), the same masking of gradients and optimizer state (`surgery.weight_masks`), and
+a first mask that keeps each layer's largest |w| at `start`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from sparsekit.modifiers.base import Modifier
 from sparsekit.modifiers.registry import register
-from sparsekit.modifiers.unstructured_dst import UnstructuredDST
 from sparsekit.recipe.schema import MagnitudePrunePhase
-from sparsekit.timeline import Timeline
+from sparsekit.surgery.targets import Target, find_targets
+from sparsekit.surgery.weight_masks import WeightMasks
+
+if TYPE_CHECKING:
+    from sparsekit.session import Session
+    from sparsekit.surgery.optimizer_state import OptimizerRestarts
+    from sparsekit.timeline import Timeline
 
 
-@register("magnitude_prune")
-class MagnitudePrune(UnstructuredDST):
+@register(MagnitudePrunePhase)
+class MagnitudePrune(Modifier):
     """Prunes once at `start_step`; the mask stays until the run ends."""
 
     config: MagnitudePrunePhase
 
+    def __init__(
+        self,
+        config: MagnitudePrunePhase,
+        model: nn.Module,
+        start_step: int,
+        end_step: int,
+        targets: list[Target],
+    ):
+        super().__init__(config, model, start_step, end_step)
+        self.targets = targets
+        self.weight_masks = WeightMasks(targets, config.sparsity, config.distribution)
+        self.budgets = self.weight_masks.budgets
+        self.initialized = False
+
     @classmethod
     def build(cls, config: Any, model: nn.Module, timeline: Timeline, seed: int) -> Modifier:
-        start, end = timeline.steps(config.start), timeline.total_steps
-        # An update period as long as the window puts the first update at its end: none runs.
-        return cls(config, model, start, end, cls.find(config, model), max(1, end - start), seed)
+        targets = find_targets(
+            model, list(config.targets.roles), config.targets.include, config.targets.exclude
+        )
+        return cls(config, model, timeline.steps(config.start), timeline.total_steps, targets)
 
-    def _accumulating(self, step: int) -> bool:
-        return False  # nothing ever grows
+    # --- lifecycle -------------------------------------------------------------------------
+    def active(self, step: int) -> bool:
+        """Acting on the model from `start_step` on: the mask lasts until the run ends."""
+        return step >= self.start_step
 
-    def _initial_scores(self, w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return w.detach().abs()
+    def on_batch_start(self, session: Session) -> None:
+        if not self.initialized and session.step >= self.start_step:
+            self.initialize(session.restarts)
+            session.record(self, {"event": "mask_init", "step": session.step})
+
+    def first_masks(self) -> None:
+        if not self.initialized:
+            self.initialize(None)
+
+    def initialize(self, restarts: OptimizerRestarts | None) -> None:
+        """Keep each layer's largest |w|, zeroing the optimizer state of the rest."""
+        self.weight_masks.set_first(lambda w: w.detach().abs(), restarts)
+        self.initialized = True
+
+    def before_optimizer_step(self, session: Session) -> None:
+        if self.initialized:
+            self.weight_masks.mask_gradients()
+
+    def after_optimizer_step(self, session: Session) -> None:
+        if self.initialized:
+            self.weight_masks.restore_after_step(session.optimizer)
+
+    # --- reporting and resume --------------------------------------------------------------
+    def masks_owned(self) -> list[str]:
+        return self.weight_masks.owned()
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return self.weight_masks.by_parameter()
+
+    def state_dict(self) -> dict[str, Any]:
+        # The keys of the prune-and-grow state this phase's checkpoints have always held, with
+        # the values of a phase that never updates: checkpoints load across versions.
+        return {
+            "initialized": self.initialized,
+            "updates_done": 0,
+            "deferred": None,
+            "masks": self.weight_masks.state_dict(),
+            "grad_sum": {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the masks; the other saved keys are those of a phase that never updates."""
+        self.weight_masks.load_state_dict(state["masks"])
+        self.initialized = bool(state["initialized"])

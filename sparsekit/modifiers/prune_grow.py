@@ -72,18 +72,29 @@ class PruneGrowModifier(Modifier):
         event."""
         raise NotImplementedError
 
-    def update_soon(self, step: int, window: int) -> bool:
-        """Whether step `step` (0-based) is among the last `window` steps before an update,
+    # --- when growth is scored ------------------------------------------------------------
+    def in_grow_window(self, step: int, batches: int) -> bool:
+        """Whether step `step` (0-based) is among the last `batches` steps before an update,
         a deferred one included: the steps whose gradients score growth."""
         if self.deferred is not None:
             return True
         upcoming = next_update(step + 1, self.start_step, self.end_step, self.update_every)
-        return upcoming is not None and upcoming - (step + 1) < window
+        return upcoming is not None and upcoming - (step + 1) < batches
+
+    def updates_ahead(self, step: int) -> bool:
+        """Whether an update may still come after step `step` (0-based), a deferred one
+        included: until none can, steps are scored."""
+        return step + 1 < self.end_step or self.deferred is not None
 
     # --- lifecycle -------------------------------------------------------------------------
     def active(self, step: int) -> bool:
         """Acting on the model from `start_step` on: masks outlive the update window."""
         return step >= self.start_step
+
+    def first_masks(self) -> None:
+        if not self.initialized:
+            self.initialize(None)
+            self.initialized = True
 
     def on_batch_start(self, session: Session) -> None:
         if not self.initialized and session.step >= self.start_step:

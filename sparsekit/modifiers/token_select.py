@@ -17,14 +17,14 @@ from sparsekit.errors import SparsekitError
 from sparsekit.modifiers.base import Modifier
 from sparsekit.modifiers.registry import register
 from sparsekit.recipe.schema import TokenSelectPhase
-from sparsekit.surgery.tokens import Placement, TokenSelection
+from sparsekit.surgery.tokens import Placement, TokenSelection, kept_count
 
 if TYPE_CHECKING:
     from sparsekit.session import Session
     from sparsekit.timeline import Timeline
 
 
-@register("token_select")
+@register(TokenSelectPhase)
 class TokenSelect(Modifier):
     """Selection is on from `start_step` to the end of the run; the Gumbel temperature anneals
     from `temperature_start` to `temperature_end` over `[start_step, end_step]`, geometrically
@@ -44,7 +44,7 @@ class TokenSelect(Modifier):
         self.placements = placements
         # The scorers join the model now, at compile time, so the optimizer built afterwards
         # (and every checkpoint) includes them.
-        self.selection = TokenSelection(model, placements)
+        self.selection = TokenSelection(model, placements, self.edits)
         self.selection.enabled = False
         self._checked_optimizer = False
 
@@ -56,6 +56,23 @@ class TokenSelect(Modifier):
         return cls(
             config, model, timeline.steps(config.start), timeline.steps(config.end), placements
         )
+
+    @classmethod
+    def describe_on(cls, config: TokenSelectPhase, index: int, model: nn.Module, label: str) -> str:
+        """The patch tokens each selector keeps in eval and export."""
+        patches = model.patch_embed.num_patches
+        prefix = model.num_prefix_tokens
+        parts = []
+        for placement in config.resolved():
+            kept = kept_count(patches, placement.keep_ratio)
+            others = "the class token" if prefix == 1 else f"its {prefix} prefix tokens"
+            parts.append(
+                f"before block {placement.before_block}: keeps {kept} of {patches} patch tokens "
+                f"(ceil({placement.keep_ratio:g} x {patches})), {kept + prefix} tokens with "
+                f"{others}"
+            )
+            patches = kept
+        return f"phases[{index}] token_select on {label}:\n  " + "\n  ".join(parts)
 
     def active(self, step: int) -> bool:
         return step >= self.start_step

@@ -20,20 +20,16 @@ from torch import nn
 from sparsekit.modifiers.prune_grow import PruneGrowModifier
 from sparsekit.modifiers.registry import register
 from sparsekit.recipe.schema import UnstructuredDSTPhase
-from sparsekit.surgery.masks import layer_budgets, random_scores, topk_mask
-from sparsekit.surgery.optimizer_state import OptimizerRestarts
+from sparsekit.surgery.masks import random_scores, topk_mask
+from sparsekit.surgery.optimizer_state import OptimizerRestarts, zero_and_restart
 from sparsekit.surgery.targets import Target, find_targets
-
-# Optimizers whose step leaves a weight at exactly 0 when its gradient and its state are 0
-# (decoupled or L2 weight decay of 0 is 0; Adam's update is 0 / (sqrt(0) + eps) = 0). With them
-# masking the gradient is enough; any other optimizer gets its weights re-masked every step.
-_ZERO_PRESERVING = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+from sparsekit.surgery.weight_masks import WeightMasks, as_float
 
 if TYPE_CHECKING:
     from sparsekit.session import Session
 
 
-@register("unstructured_dst")
+@register(UnstructuredDSTPhase)
 class UnstructuredDST(PruneGrowModifier):
     """Masks appear at `start_step`, change every `update_every` steps until `end_step`, and stay
     fixed until the run ends."""
@@ -55,14 +51,9 @@ class UnstructuredDST(PruneGrowModifier):
             config, model, start_step, end_step, targets, update_every, seed, total_steps
         )
         self.targets = targets
-        self.budgets = layer_budgets(
-            [tuple(t.weight.shape) for t in targets], config.sparsity, config.distribution
-        )
-        self._masks: dict[str, torch.Tensor] = {}
-        # The mask as 0/1 in the weight's dtype: multiplying by it is ~8x faster on CPU than
-        # masked_fill_ with a bool mask, and it runs on every step.
-        self._keep: dict[str, torch.Tensor] = {}
-        self._dtypes = {t.name: t.weight.dtype for t in targets}
+        self.weight_masks = WeightMasks(targets, config.sparsity, config.distribution)
+        self.budgets = self.weight_masks.budgets
+        # Per layer, the dense gradients of the grow window: the grow score of the next update.
         self._grad_sum: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -74,35 +65,30 @@ class UnstructuredDST(PruneGrowModifier):
     def before_optimizer_step(self, session: Session) -> None:
         if not self.initialized:
             return
-        accumulate = self._accumulating(session.step)
+        if self.config.grow == "gradient" and self.in_grow_window(
+            session.step, self.config.grow_accumulation
+        ):
+            self._accumulate_gradients()
+        self.weight_masks.mask_gradients()
+
+    def _accumulate_gradients(self) -> None:
+        """Add this step's dense gradients (taken before masking) to the grow score."""
         for t in self.targets:
             grad = t.weight.grad
             if grad is None:
                 continue
-            if accumulate:
-                acc = self._grad_sum.get(t.name)
-                self._grad_sum[t.name] = grad.detach().clone() if acc is None else acc.add_(grad)
-            grad.mul_(self._keep[t.name])
-
-    def _accumulating(self, step: int) -> bool:
-        """Whether step `step`'s dense gradients go into the grow score of the next update."""
-        return self.config.grow == "gradient" and self.update_soon(
-            step, self.config.grow_accumulation
-        )
+            acc = self._grad_sum.get(t.name)
+            self._grad_sum[t.name] = grad.detach().clone() if acc is None else acc.add_(grad)
 
     def after_optimizer_step(self, session: Session) -> None:
-        if self.initialized and type(session.optimizer) not in _ZERO_PRESERVING:
-            self._apply_masks()
+        if self.initialized:
+            self.weight_masks.restore_after_step(session.optimizer)
 
     # --- masks -----------------------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, restarts: OptimizerRestarts | None) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(self.seed)
-        for t, budget in zip(self.targets, self.budgets, strict=True):
-            self._set_mask(t.name, topk_mask(self._initial_scores(t.weight, generator), budget))
-            if restarts is not None:
-                restarts.zero(t.weight, ~self._masks[t.name])
-        self._apply_masks()
+        self.weight_masks.set_first(lambda w: self._initial_scores(w, generator), restarts)
         return {}
 
     def _initial_scores(self, w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -123,7 +109,7 @@ class UnstructuredDST(PruneGrowModifier):
         self, index: int, t: Target, fraction: float, restarts: OptimizerRestarts | None
     ) -> int:
         """Prune and grow one layer (as many grown as pruned); return the number grown."""
-        mask = self._masks[t.name]
+        mask = self.weight_masks.masks[t.name]
         active = self.budgets[index]  # exact by construction, no need to count
         n_swap = min(math.ceil(fraction * active), active, mask.numel() - active)
         if n_swap == 0:
@@ -131,12 +117,12 @@ class UnstructuredDST(PruneGrowModifier):
         w = t.weight
         # Scores are built with arithmetic on 0/1 float masks: exact, and far faster on a CPU
         # than torch.where with a scalar.
-        inactive = 1.0 - self._keep[t.name]
+        inactive = 1.0 - self.weight_masks.keep[t.name]
         # Prune: the n_swap smallest-magnitude active weights (inactive ones score the dtype's max).
         far = torch.finfo(w.dtype).max
         pruned = topk_mask(w.abs().add_(inactive, alpha=far), n_swap, largest=False)
         kept = mask ^ pruned  # pruned is a subset of mask
-        survivors = _as_float(kept, w.dtype)
+        survivors = as_float(kept, w.dtype)
         # Grow: the best n_swap of everything not kept (just-pruned positions compete too).
         if self.config.grow == "gradient":
             grad = self._grad_sum.get(t.name)
@@ -159,55 +145,30 @@ class UnstructuredDST(PruneGrowModifier):
         # place back included) are exactly 0; pruned ones get zeroed optimizer state, grown ones
         # a fresh optimizer's.
         w.mul_(survivors)
-        if restarts is not None:
-            restarts.zero(w, pruned)
-            restarts.restart(w, grown)
-        self._set_mask(t.name, kept ^ grown)  # disjoint: grown excludes kept
+        zero_and_restart(restarts, pruned=[(w, pruned)], grown=[(w, grown)])
+        self.weight_masks.set(t.name, kept ^ grown)  # disjoint: grown excludes kept
         return n_swap
-
-    def _set_mask(self, name: str, mask: torch.Tensor) -> None:
-        self._masks[name] = mask
-        self._keep[name] = _as_float(mask, self._dtypes[name])
-
-    @torch.no_grad()
-    def _apply_masks(self) -> None:
-        for t in self.targets:
-            t.weight.mul_(self._keep[t.name])
 
     # --- reporting and resume --------------------------------------------------------------
     def masks_owned(self) -> list[str]:
-        return [f"{t.name}.weight" for t in self.targets]
+        return self.weight_masks.owned()
 
     def masks(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.weight": mask for name, mask in self._masks.items()}
+        return self.weight_masks.by_parameter()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "initialized": self.initialized,
             "updates_done": self.updates_done,
             "deferred": self.deferred,
-            "masks": {k: v.cpu() for k, v in self._masks.items()},
+            "masks": self.weight_masks.state_dict(),
             "grad_sum": {k: v.cpu() for k, v in self._grad_sum.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        names = {t.name: t for t in self.targets}
-        if set(state["masks"]) - set(names):
-            raise ValueError(
-                f"checkpoint masks name layers this model lacks: "
-                f"{sorted(set(state['masks']) - set(names))[:3]}"
-            )
+        self.weight_masks.load_state_dict(state["masks"])
         self.initialized = bool(state["initialized"])
         self.updates_done = int(state["updates_done"])
         self.deferred = state["deferred"]
-        for name, mask in state["masks"].items():
-            self._set_mask(name, mask.to(names[name].weight.device, torch.bool))
-        self._grad_sum = {
-            k: v.to(names[k].weight.device) for k, v in state.get("grad_sum", {}).items()
-        }
-
-
-def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as 0/1 in `dtype`. Going through uint8 is exact and, on a CPU, about six
-    times faster than converting the bool tensor directly."""
-    return mask.view(torch.uint8).to(dtype)
+        weights = {t.name: t.weight for t in self.targets}
+        self._grad_sum = {k: v.to(weights[k].device) for k, v in state.get("grad_sum", {}).items()}

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
 
 from sparsekit.recipe.span import Span
 
@@ -23,6 +25,63 @@ if TYPE_CHECKING:  # recipe/ imports nothing of sparsekit at run time but errors
 # Measured: benchmarks/update_cadence.py, docs/results.md#update-cadence.
 MIN_STEPS_BETWEEN_UPDATES = 90
 DEFAULT_UPDATE_EVERY = Span(1, "epochs")
+# How the share of units or weights replaced at each prune/grow update decays; formulas in
+# sparsekit.modifiers.schedules.update_fraction and docs/recipes.md.
+FractionDecay = Literal["cosine", "linear", "constant", "reference"]
+
+
+# The cadence fields of every prune-and-grow phase. Each phase declares them itself, in its
+# own field order (the order of a dumped recipe.yaml and of "allowed keys" messages), from
+# these one definitions.
+def update_every_field() -> Any:
+    return Field(
+        None,
+        description="Time between prune/grow updates; default 1 epoch (unless `updates` is given).",
+    )
+
+
+def updates_field() -> Any:
+    return Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Instead of update_every: this many updates, evenly spaced strictly inside "
+        "the window (every ceil(window / (updates + 1)) steps), whatever the run's length.",
+    )
+
+
+def min_update_interval_field() -> Any:
+    return Field(
+        Span(MIN_STEPS_BETWEEN_UPDATES, "steps"),
+        description="Fewest optimizer steps between updates: a shorter interval (a shortened "
+        "run) is raised to it, with a note. The default was chosen by measurement.",
+    )
+
+
+def update_fraction_field(what: str) -> Any:
+    return Field(
+        0.5, gt=0, le=1, description=f"Share of active {what} replaced at the first update."
+    )
+
+
+def fraction_decay_field() -> Any:
+    return Field(
+        "cosine",
+        description="cosine, linear, constant: from update_fraction to 0 over [start, end]; "
+        "reference: the SViTE code's cosine over the whole run to 0.005.",
+    )
+
+
+def describe_updates(config: Any, timeline: Timeline) -> str:
+    """For `recipe show`: when the updates run and how much each replaces."""
+    cadence = update_cadence(config, timeline)
+    decay = config.fraction_decay
+    if decay == "reference":
+        decay = "reference (cosine over the run to 0.005)"
+    return (
+        f"every {cadence.every:,} steps ({cadence.count()} updates), "
+        f"fraction {config.update_fraction:g} {decay}"
+    )
 
 
 @dataclass(frozen=True)
@@ -87,7 +146,7 @@ def cadence_notes(recipe: Any, timeline: Timeline) -> list[str]:
     """The notes of every prune-and-grow phase of a recipe."""
     notes = []
     for i, phase in enumerate(recipe.phases):
-        if hasattr(phase, "min_update_interval"):
+        if phase.scheduled_updates:
             label = f"phases[{i}] ({phase.name or phase.kind})"
             note = cadence_note(label, phase, timeline)
             if note:

@@ -7,26 +7,11 @@ those again in steps.
 
 from __future__ import annotations
 
-from sparsekit.recipe.schema import (
-    DenseWarmupPhase,
-    HeadPruneGrowPhase,
-    MagnitudePrunePhase,
-    Recipe,
-    TokenSelectPhase,
-    UnstructuredDSTPhase,
-)
+from sparsekit.recipe.phases import PHASES
+from sparsekit.recipe.schema import Recipe
 from sparsekit.recipe.span import Span
 
 Problem = tuple[tuple[str | int, ...], str]
-_SCHEDULED = (UnstructuredDSTPhase, HeadPruneGrowPhase)  # kinds with update_every
-# Kinds whose sparsity lasts until the run ends, and the kinds among them that mask weights.
-_SPARSE = (*_SCHEDULED, MagnitudePrunePhase, TokenSelectPhase)
-_WEIGHT_MASKING = (UnstructuredDSTPhase, MagnitudePrunePhase)
-_AT_MOST_ONCE = {
-    "head_prune_grow": "they would gate the same heads at once. Keep one (it may prune both "
-    "heads and MLP neurons)",
-    "token_select": "they would select tokens twice. Keep one (it takes several placements)",
-}
 
 
 def check_recipe(recipe: Recipe) -> list[Problem]:
@@ -69,7 +54,7 @@ def _check_windows(recipe: Recipe) -> list[Problem]:
                     f"start ({phase.start}) must come before the run ends",
                 )
             )
-        if isinstance(phase, _SCHEDULED) and phase.update_every is not None:
+        if phase.scheduled_updates and phase.update_every is not None:
             if phase.update_every.value == 0:
                 problems.append(
                     (("phases", i, "update_every"), "update_every must be greater than 0")
@@ -90,15 +75,21 @@ def _check_overlaps(recipe: Recipe) -> list[Problem]:
     weights, and two head phases would gate the same blocks."""
     epochs = recipe.training.epochs
     problems: list[Problem] = []
-    dst = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, _WEIGHT_MASKING)]
-    for kind, what in _AT_MOST_ONCE.items():
-        same = [i for i, p in enumerate(recipe.phases) if p.kind == kind]
+    dst = [(i, p) for i, p in enumerate(recipe.phases) if p.masks_weights]
+    for kind in PHASES:
+        if kind.at_most_once is None:
+            continue
+        same = [i for i, p in enumerate(recipe.phases) if type(p) is kind]
         problems += [
-            (("phases", j, "kind"), f"phases[{same[0]}] and phases[{j}] are both {kind}; {what}")
+            (
+                ("phases", j, "kind"),
+                f"phases[{same[0]}] and phases[{j}] are both {kind.kind_name()}; "
+                f"{kind.at_most_once}",
+            )
             for j in same[1:]
         ]
-    sparse = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, _SPARSE)]
-    warmups = [(i, p) for i, p in enumerate(recipe.phases) if isinstance(p, DenseWarmupPhase)]
+    sparse = [(i, p) for i, p in enumerate(recipe.phases) if p.lasts_to_end]
+    warmups = [(i, p) for i, p in enumerate(recipe.phases) if p.dense_window]
     for i, phase in sparse:
         for j, warm in warmups:
             pair = _comparable(phase.start, warm.end, epochs)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekit.surgery.edits import Edit, ModelEdits
 from sparsekit.surgery.units import UnitGate, UnitGroup
 
 
@@ -22,11 +23,21 @@ class ActiveForward:
     """Per group, a forward that runs only the kept units; `enable`/`disable` swap it in and out
     (disabled, the module runs timm's own forward and the gate does the masking)."""
 
-    def __init__(self, groups: list[UnitGroup], gates: dict[str, UnitGate]):
+    def __init__(
+        self,
+        groups: list[UnitGroup],
+        gates: dict[str, UnitGate],
+        edits: ModelEdits | None = None,
+    ):
         self.groups = groups
         self.gates = gates
-        self.enabled = False
+        self.edits = edits or ModelEdits()
         self._index: dict[str, dict[str, torch.Tensor]] = {}
+        self._overrides: list[Edit] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._overrides)
 
     def set(self, keeps: dict[str, torch.Tensor]) -> None:
         """Index tensors for the current masks (recomputed only when the masks change)."""
@@ -43,15 +54,14 @@ class ActiveForward:
             return
         for g in self.groups:
             make = _attention_forward if g.kind == "heads" else _mlp_forward
-            g.module.forward = types.MethodType(make(g, self._index, self.gates[g.name]), g.module)
-        self.enabled = True
+            forward = types.MethodType(make(g, self._index, self.gates[g.name]), g.module)
+            self._overrides.append(self.edits.override_forward(g.module, forward))
 
     def disable(self) -> None:
-        if not self.enabled:
-            return
-        for g in self.groups:
-            del g.module.forward  # back to the class's forward
-        self.enabled = False
+        """Back to the modules' class forward (and the gates' masking)."""
+        overrides, self._overrides = self._overrides, []
+        for edit in overrides:
+            edit.remove()
 
 
 def _rows(linear: nn.Linear, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -52,8 +52,6 @@ def compact_(model: nn.Module, keeps: dict[str, torch.Tensor]) -> nn.Module:
             raise SparsekitError(
                 f"{name} has {group.units} {group.kind}, but its keep mask has {keep.numel()}."
             )
-        # A training-time forward (active sub-network) does not survive the new shapes.
-        group.module.__dict__.pop("forward", None)
         kept = int(keep.sum())
         if kept == 0:
             raise SparsekitError(f"{name} would keep no {group.kind}; keep at least one.")

@@ -20,6 +20,7 @@ dampening 0), so zeroing is exact; other optimizers get their state zeroed only.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,42 @@ import torch
 
 # Below this, beta^age leaves the bias correction equal to the tensor's in float32.
 _MATURE = 1e-7
+
+# Optimizers whose step leaves a weight at exactly 0 when its gradient and its state are 0
+# (decoupled or L2 weight decay of 0 is 0; Adam's update is 0 / (sqrt(0) + eps) = 0). With them
+# masking the gradient is enough; any other optimizer gets its weights re-masked every step.
+_ADAM = (torch.optim.Adam, torch.optim.AdamW)
+_ZERO_PRESERVING = (*_ADAM, torch.optim.SGD)
+
+# Positions of parameters, each as (parameter, bool mask of its shape).
+Positions = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def keeps_zero_weights(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether a weight at 0 whose gradient and state are 0 stays exactly 0 through a step of
+    `optimizer`: then masked weights need no re-masking after the step."""
+    return type(optimizer) in _ZERO_PRESERVING
+
+
+def may_move_without_gradient(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether the optimizer can move a weight whose gradient is exactly 0: weight decay does
+    (AdamW's decoupled decay, or the L2 term of Adam and SGD); unknown optimizers might."""
+    if optimizer is None or not keeps_zero_weights(optimizer):
+        return True
+    return any(group.get("weight_decay", 0.0) for group in optimizer.param_groups)
+
+
+def zero_and_restart(
+    restarts: OptimizerRestarts | None, pruned: Positions = (), grown: Positions = ()
+) -> None:
+    """Zero the optimizer state at the `pruned` positions and restart it at the `grown` ones;
+    nothing without `restarts` (masks made for a model that is only inspected)."""
+    if restarts is None:
+        return
+    for param, where in pruned:
+        restarts.zero(param, where)
+    for param, where in grown:
+        restarts.restart(param, where)
 
 
 @dataclass
@@ -48,7 +85,7 @@ class OptimizerRestarts:
     @property
     def corrects(self) -> bool:
         """Whether this optimizer's steps need a per-position bias correction (Adam, AdamW)."""
-        return type(self.optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+        return type(self.optimizer) in _ADAM
 
     # --- at mask updates -------------------------------------------------------------------
     @torch.no_grad()

@@ -9,13 +9,16 @@ the training forward with a given selection computes exactly what the gathered f
 Class, distillation and register tokens are always kept and never counted.
 
 The selectors live in the model (`model.token_selectors`, so they train, save and export with
-it) and act through forward hooks on the blocks and on the final norm.
+it) and act through forward hooks on the blocks and on the final norm; every change goes
+through a `ModelEdits`, so `remove()` gives the model back as timm built it. `selection_of(model)`
+finds a model's selection (cost counters and the report use it).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekit.errors import SparsekitError
+from sparsekit.surgery.edits import ModelEdits
 
 POOLS = ("token", "avg", "max")  # pools whose result can ignore dropped tokens exactly
 
@@ -68,9 +72,14 @@ class TokenSelection:
         enabled: select at all (off before the phase's window).
     """
 
-    def __init__(self, model: nn.Module, placements: list[Placement]):
+    def __init__(
+        self, model: nn.Module, placements: list[Placement], edits: ModelEdits | None = None
+    ):
         check_selectable(model, placements)
+        if model in _SELECTIONS:
+            raise SparsekitError("this model already has token selectors; remove them first.")
         self.model = model
+        self.edits = edits or ModelEdits()
         self.placements = sorted(placements, key=lambda p: p.before_block)
         self.prefix = model.num_prefix_tokens
         self.noise = True
@@ -78,29 +87,31 @@ class TokenSelection:
         self.enabled = True
         self.gather_in_training = False  # training on the active sub-network gathers too
         self.trace: list[torch.Tensor] | None = None  # a list: eval selections are appended
-        if not hasattr(model, "token_selectors"):
-            dim = model.embed_dim
-            model.token_selectors = nn.ModuleDict(
-                {str(p.before_block): TokenScorer(dim) for p in self.placements}
-            ).to(next(model.parameters()).device)
+        scorers = nn.ModuleDict(
+            {str(p.before_block): TokenScorer(model.embed_dim) for p in self.placements}
+        ).to(next(model.parameters()).device)
+        self.edits.add_module(model, "token_selectors", scorers)
         self._alive: torch.Tensor | None = None  # masked mode: which tokens are still in
-        self._handles: list = []
-        model.token_selection = self  # how cost counters and exports find it
+        _SELECTIONS[model] = self
+        self.edits.add_undo(lambda: _SELECTIONS.pop(model, None))
         at = {p.before_block: p for p in self.placements}
         first = self.placements[0].before_block
         for index, block in enumerate(model.blocks):
             if index in at:
-                self._handles.append(
-                    block.register_forward_pre_hook(self._selector(at[index]), with_kwargs=True)
-                )
+                hook = block.register_forward_pre_hook(self._selector(at[index]), with_kwargs=True)
+                self.edits.hook(hook)
             elif index > first:
-                self._handles.append(block.register_forward_pre_hook(self._mask, with_kwargs=True))
-        self._handles.append(model.norm.register_forward_hook(self._fill_dropped))
+                self.edits.hook(block.register_forward_pre_hook(self._mask, with_kwargs=True))
+        self.edits.hook(model.norm.register_forward_hook(self._fill_dropped))
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        del self.model.token_selection
+        """Take the selectors, their hooks and the scorer modules out of the model."""
+        self.edits.undo()
+
+    def __setstate__(self, state: dict) -> None:
+        """A copied model (`copy.deepcopy`) brings a copy of its selection: register it."""
+        self.__dict__.update(state)
+        _SELECTIONS[self.model] = self
 
     def scorer_parameters(self) -> list[nn.Parameter]:
         return list(self.model.token_selectors.parameters())
@@ -226,6 +237,15 @@ class TokenSelection:
     def _key_mask(self) -> torch.Tensor:
         """Attention mask (batch, 1, 1, keys): True where a token can be attended to."""
         return self._alive[:, None, None, :]
+
+
+# Each model's selection, found by `selection_of` (weakly held: a model that is gone drops out).
+_SELECTIONS: weakref.WeakKeyDictionary[nn.Module, TokenSelection] = weakref.WeakKeyDictionary()
+
+
+def selection_of(model: nn.Module) -> TokenSelection | None:
+    """The token selection installed in `model`, if any."""
+    return _SELECTIONS.get(model)
 
 
 def check_selectable(model: nn.Module, placements: list[Placement]) -> None:

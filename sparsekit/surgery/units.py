@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparsekit.errors import SparsekitError
+from sparsekit.surgery.edits import ModelEdits
 
 
 @dataclass(frozen=True)
@@ -135,13 +136,15 @@ class UnitGate:
     of the sample's own loss, the same whatever the batch is split into across processes.
     """
 
-    def __init__(self, group: UnitGroup, keep: torch.Tensor):
+    def __init__(self, group: UnitGroup, keep: torch.Tensor, edits: ModelEdits | None = None):
         weight = group.consumer.weight
         self.group = group
         self.values = keep.to(weight.device, weight.dtype, copy=True)
         self._abs_sum = torch.zeros(group.units, dtype=torch.float64, device=weight.device)
         self._samples = 0
-        self._handle = group.consumer.register_forward_pre_hook(self._gate_input)
+        self._hook = (edits or ModelEdits()).hook(
+            group.consumer.register_forward_pre_hook(self._gate_input)
+        )
 
     def _gate_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple:
         x, *rest = args
@@ -187,4 +190,5 @@ class UnitGate:
         return taken
 
     def remove(self) -> None:
-        self._handle.remove()
+        """Take the gate off the model (the consumer runs ungated again)."""
+        self._hook.remove()

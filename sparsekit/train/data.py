@@ -6,7 +6,6 @@ download), split train/val with a fixed seed; it makes a full run take minutes o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,25 +13,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sparsekit.errors import UsageError
+from sparsekit.train.data_bundle import DataBundle
 
 MAX_SYNTHETIC_SIZE = 512
-
-
-@dataclass
-class DataBundle:
-    """Train and validation sets plus what the model must be built for."""
-
-    name: str
-    train: Dataset
-    val: Dataset
-    num_classes: int
-    in_chans: int
-    img_size: int
-    patch_size: int | None  # None: keep the model's own patch size
-    skipped: list[str] = field(default_factory=list)  # unreadable images left out
-    # Symbolic links not followed, as "train/cat/up -> /abs/target (loop)"; the reason is
-    # 'loop', 'duplicate', 'dangling' or 'points outside train/' (or val/).
-    skipped_links: list[str] = field(default_factory=list)
 
 
 class TensorImages(Dataset):

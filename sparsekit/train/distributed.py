@@ -70,6 +70,15 @@ def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return total.tolist()
 
 
+def gather_from_ranks(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """`tensor` of every rank, in rank order (`[tensor]` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [tensor]
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return gathered
+
+
 def share_of(batch_size: int, ranks: Ranks) -> int:
     """Per-process batch size for a global `batch_size`.
 

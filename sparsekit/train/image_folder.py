@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sparsekit.errors import DataError, SparsekitError
-from sparsekit.train.data import DataBundle
+from sparsekit.train.data_bundle import DataBundle
 
 
 def image_folder(root: Path, img_size: int, bad_images: str = "refuse") -> DataBundle:

@@ -1,16 +1,19 @@
 """The built-in trainer: one readable loop that a recipe's session drives.
 
-The run folder holds `recipe.yaml` (the resolved recipe), `run.json` (model and data),
-`checkpoint.pt` (last epoch), `metrics.jsonl` (one line per epoch, with per-layer sparsity, and
-per prune/grow update), `summary.json` (final accuracy, sparsity and parameter counts) and, when
-the recipe selects tokens, `val_samples.safetensors` (a few validation images for the report's
-token map).
+Read it top to bottom: `train` claims the run folder; `build_run` makes everything a run is
+made of; each epoch, `train_epoch` runs `train_step` over the loader, then `epoch_metrics`
+evaluates and `save_epoch` checkpoints; `finish` writes the summary. The run folder's files are
+written and read through `sparsekit.run_folder`.
+
+The loss and accuracy sums stay on the device while an epoch trains: the device is read (one
+CPU-GPU synchronisation) every LOG_EVERY steps for the progress bar, and at the end of each
+epoch. The one exception is `training.nonfinite_loss: skip`, which must read every step's loss
+to decide whether to take the step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import warnings
@@ -20,45 +23,59 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from sparsekit.analysis.sparsity import global_sparsity, layer_sparsity, sparsity_report
-from sparsekit.analysis.token_map import save_samples
-from sparsekit.atomic import write_text_atomic
+from sparsekit.analysis.sparsity import global_sparsity, layer_sparsity
 from sparsekit.compiler import compile_recipe
 from sparsekit.errors import DataError, SparsekitError, UsageError, user_message
+from sparsekit.hashing import recipe_sha256
 from sparsekit.models import MODEL_ARG_BOUNDS, ModelSpec, create_model, resolve_model_name
+from sparsekit.modifiers import Modifier
 from sparsekit.modifiers.schedules import warmup_cosine_lr
 from sparsekit.recipe.cadence import cadence_notes
 from sparsekit.recipe.load import dump_recipe
 from sparsekit.recipe.schema import Recipe, Training
-from sparsekit.session import Session
-from sparsekit.surgery.global_noise import GlobalBatchNoise
-from sparsekit.timeline import Timeline
-from sparsekit.train.checkpoint import (
+from sparsekit.run_folder.checkpoint import (
+    STATE_MISMATCH,
     capture_rng,
-    load_checkpoint,
-    require_complete,
+    read_checkpoint,
     restore_rng,
     save_checkpoint,
 )
-from sparsekit.train.data import DataBundle, build_data
+from sparsekit.run_folder.claim import claim_run_folder
+from sparsekit.run_folder.layout import CHECKPOINT_FILE, RECIPE_FILE
+from sparsekit.run_folder.records import (
+    append_metrics,
+    keep_metrics_through,
+    read_recipe_yaml,
+    read_run_json,
+    start_records,
+    write_summary,
+)
+from sparsekit.run_folder.samples import save_samples
+from sparsekit.session import Session
+from sparsekit.surgery.global_noise import GlobalBatchNoise
+from sparsekit.timeline import Timeline
+from sparsekit.train.data import build_data
+from sparsekit.train.data_bundle import DataBundle
 from sparsekit.train.distributed import (
+    Ranks,
     ShardedBatchSampler,
     join,
     launched_as_main,
     leave,
     sum_over_ranks,
 )
-from sparsekit.train.run_claim import claim_run_folder
-from sparsekit.train.run_folder import check_recipe_hash, read_metrics, read_run_json, recipe_sha256
+from sparsekit.train.nonfinite import NonFiniteLosses
+from sparsekit.train.summary import summarize, summary_table
+
+LOG_EVERY = 20  # steps between reads of the device (progress bar, non-finite check)
+MAX_WORKERS = 256  # data loader processes; more is a typo, and each one is a process
 
 
 @dataclass
@@ -80,6 +97,36 @@ class RunConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Run:
+    """Everything one training run is made of (`build_run`), before any state is restored."""
+
+    recipe: Recipe
+    recipe_yaml: str  # recipe.yaml's text: written, compared on --resume, hashed in checkpoints
+    config: RunConfig
+    out: Path
+    ranks: Ranks
+    device: torch.device
+    data: DataBundle
+    spec: ModelSpec
+    model: nn.Module  # what the session and its modifiers work on
+    trained: nn.Module  # what runs forward and backward: the model, or DDP around it
+    loader: DataLoader
+    val_loader: DataLoader
+    sampler_gen: torch.Generator  # reseeded every epoch: the order depends on (seed, epoch) only
+    modifiers: list[Modifier]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    session: Session
+    amp_dtype: torch.dtype | None
+
+    @property
+    def training(self) -> Training:
+        return self.recipe.training
+
+
 def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dict[str, Any]:
     """Train `run.model` under `recipe`; return the summary that is also written to disk.
     The process that writes the run folder (rank 0) owns it for the whole run."""
@@ -90,53 +137,383 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
         return _train(recipe, run, out, console or Console(stderr=True))
 
 
-def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[str, Any]:
-    cfg = recipe.training
-    ranks, device = join(_pick_device(run.device))
+def _train(recipe: Recipe, config: RunConfig, out: Path, console: Console) -> dict[str, Any]:
+    ranks, device = join(_pick_device(config.device))
     if not ranks.main:
         console = Console(quiet=True)  # rank 0 speaks and writes for the run
-    torch.manual_seed(cfg.seed)
+    run = build_run(recipe, config, out, ranks, device, console)
+    start_epoch, elapsed = resume(run) if config.resume else start_run_folder(run)
+    epochs = recipe.training.epochs
+    last_epoch = min(epochs, config.stop_after_epoch or epochs)
+    losses = NonFiniteLosses(recipe.training.nonfinite_loss, device)
 
-    # Data and model.
-    data = build_data(run.data, run.img_size, seed=cfg.seed, bad_images=run.bad_images)
-    if data.skipped:
-        console.print(
-            f"skipped {len(data.skipped)} unreadable images (--bad-images skip), e.g. "
-            f"{data.skipped[0]}"
-        )
-    if data.skipped_links:
-        console.print(
-            f"skipped {len(data.skipped_links)} symbolic links in --data (loops, duplicates, "
-            f"broken links, or links out of their split), e.g. {data.skipped_links[0]}"
-        )
-    spec = model_spec(run, data, cfg.drop_path)
-    model = create_model(spec, run.pretrained, run.checkpoint).to(device)
+    started = time.perf_counter() - elapsed
+    with _progress(console) as progress:
+        for epoch in range(start_epoch, last_epoch):
+            sums, train_time = train_epoch(run, epoch, losses, progress)
+            run.session.epoch_end()
+            metrics = epoch_metrics(run, epoch, sums, train_time, started)
+            console.print(
+                f"epoch {epoch + 1}/{epochs}  train loss {metrics['train_loss']:.3f}  "
+                f"val acc {metrics['val_acc']:.4f}  sparsity {metrics['sparsity']:.4f}"
+            )
+            save_epoch(run, metrics)
+
+    if last_epoch < epochs:
+        console.print(f"stopped after epoch {last_epoch} of {epochs}; continue with --resume.")
+        leave()
+        return {"stopped_at_epoch": last_epoch}
+    summary = finish(run)
+    console.print(summary_table(summary, out))
+    leave()
+    return summary
+
+
+def build_run(
+    recipe: Recipe,
+    config: RunConfig,
+    out: Path,
+    ranks: Ranks,
+    device: torch.device,
+    console: Console,
+) -> Run:
+    """Data, model, loaders, the recipe's phases, optimizer, schedule, session, DDP and mixed
+    precision, in the order that draws the same random numbers in every run."""
+    cfg = recipe.training
+    torch.manual_seed(cfg.seed)
+    data = build_data(config.data, config.img_size, seed=cfg.seed, bad_images=config.bad_images)
+    _say_what_was_skipped(data, console)
+    spec = model_spec(config, data, cfg.drop_path)
+    model = create_model(spec, config.pretrained, config.checkpoint).to(device)
     GlobalBatchNoise(model)  # drop-path and dropout noise: any number of processes draws alike
     sampler_gen = torch.Generator()
-    if ranks.world == 1:
-        batches: dict[str, Any] = {
-            "batch_size": cfg.batch_size,
-            "sampler": RandomSampler(data.train, generator=sampler_gen),
-        }
-    else:
-        sampler = ShardedBatchSampler(len(data.train), cfg.batch_size, ranks, sampler_gen)
-        batches = {"batch_sampler": sampler}
-    loader = DataLoader(
-        data.train, **batches, num_workers=run.workers, pin_memory=device.type == "cuda"
+    loader, val_loader = make_loaders(
+        data, cfg.batch_size, config.workers, ranks, device, sampler_gen
     )
-    val = Subset(data.val, range(ranks.rank, len(data.val), ranks.world))
-    val_loader = DataLoader(val, batch_size=max(cfg.batch_size, 256), num_workers=run.workers)
 
-    # Optimizer, schedule and the recipe's session.
     timeline = Timeline(cfg.epochs, len(loader))
     # Compile first: a phase may add parameters (token scorers) that the optimizer must train.
     modifiers = compile_recipe(recipe, model, timeline)
     for note in cadence_notes(recipe, timeline):
         console.print(f"note: {note}", highlight=False)
     optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, timeline)
+    session = Session(model, optimizer, modifiers, timeline)
+    # The session and its modifiers work on the model itself; DDP runs forward and backward.
+    trained = model
+    if ranks.world > 1:
+        trained = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=any(m.config.adds_parameters for m in modifiers),
+        )
+    amp_dtype = _amp_dtype(device)
+    return Run(
+        recipe=recipe,
+        recipe_yaml=dump_recipe(recipe),
+        config=config,
+        out=out,
+        ranks=ranks,
+        device=device,
+        data=data,
+        spec=spec,
+        model=model,
+        trained=trained,
+        loader=loader,
+        val_loader=val_loader,
+        sampler_gen=sampler_gen,
+        modifiers=modifiers,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        session=session,
+        amp_dtype=amp_dtype,
+    )
+
+
+def train_epoch(
+    run: Run, epoch: int, losses: NonFiniteLosses, progress: Progress
+) -> tuple[DeviceSums, float]:
+    """One pass over the training data; returns its sums and how long it trained."""
+    run.sampler_gen.manual_seed(run.training.seed * 100_003 + epoch)
+    run.model.train()
+    steps = len(run.loader)
+    task = progress.add_task(f"epoch {epoch + 1}/{run.training.epochs}", total=steps, info="")
+    sums, line = DeviceSums(run.device), ProgressLine(run)
+    started = time.perf_counter()
+    for done, (images, labels) in enumerate(_batches(run.loader, epoch), 1):
+        train_step(run, images, labels, sums, losses, epoch)
+        logs = done % LOG_EVERY == 0 or done == steps  # the device is read here only
+        if logs:
+            losses.check(epoch)  # before anything of this epoch is written
+        progress.update(task, advance=1, **(line.info(sums) if logs else {}))
+    train_time = time.perf_counter() - started
+    progress.remove_task(task)
+    return sums, train_time
+
+
+def train_step(
+    run: Run,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sums: DeviceSums,
+    losses: NonFiniteLosses,
+    epoch: int,
+) -> None:
+    """One optimizer step on one batch, inside the recipe's events (or, for a non-finite loss
+    under `nonfinite_loss: skip`, the step skipped)."""
+    images = images.to(run.device, non_blocking=True)
+    labels = labels.to(run.device, non_blocking=True)
+    session, optimizer, scaler = run.session, run.optimizer, run.scaler
+    session.batch_start()
+    try:
+        with torch.autocast(
+            run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None
+        ):
+            logits = run.trained(images)
+            loss = run.criterion(logits, labels)
+    except torch.cuda.OutOfMemoryError:
+        raise SparsekitError(
+            f"a batch of {len(labels)} images per process does not fit in the memory "
+            f"of {run.device}; give a smaller global batch (e.g. --batch-size "
+            f"{max(1, run.training.batch_size // 2)}) or a smaller --img-size."
+        ) from None
+    if losses.skips(loss, session.step, epoch):
+        skip_step(run)
+        return
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    session.before_optimizer_step()
+    if run.training.grad_clip:
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.training.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    session.after_optimizer_step()
+    run.scheduler.step()
+    sums.add(loss.detach().double() * len(labels), logits, labels)
+
+
+def skip_step(run: Run) -> None:
+    """No backward, no optimizer step; the phases still see the step (an update due now waits
+    for the next step that trains)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.session.skip_step()
+    with warnings.catch_warnings():  # "scheduler before optimizer": on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()
+    run.session.events.append({"event": "skipped_step", "step": run.session.step})
+
+
+def epoch_metrics(
+    run: Run, epoch: int, sums: DeviceSums, train_time: float, started: float
+) -> dict[str, Any]:
+    """The epoch's line of metrics.jsonl. Every rank evaluates its share of the validation set;
+    the sums are added up."""
+    loss_sum, correct, seen = sum_over_ranks(sums.read(), run.device)
+    val_loss, val_acc = evaluate(
+        run.model, _batches(run.val_loader, epoch), run.device, run.amp_dtype
+    )
+    session = run.session
+    return {
+        "epoch": epoch + 1,
+        "step": session.step,
+        "train_loss": loss_sum / seen if seen else math.nan,  # nan: all steps skipped
+        "train_acc": correct / seen if seen else math.nan,
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "lr": run.scheduler.get_last_lr()[0],
+        "sparsity": global_sparsity(session.masks()),
+        "layer_sparsity": layer_sparsity(session.masks(), session.unit_masks()),
+        "train_time_s": train_time,
+        "steps_in_epoch": len(run.loader),
+        "time_s": time.perf_counter() - started,
+    }
+
+
+def save_epoch(run: Run, metrics: dict[str, Any]) -> None:
+    """Log the epoch's events and metrics, then checkpoint it (metrics first: resume drops the
+    lines past the checkpoint)."""
+    session = run.session
+    records = [
+        *({"epoch": metrics["epoch"], **e} for e in session.events),
+        {"event": "epoch", **metrics},
+    ]
+    session.events.clear()
+    checkpoint = {
+        "epoch": metrics["epoch"],
+        "steps_per_epoch": len(run.loader),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "session": session.state_dict(),  # on every rank: it may add up across ranks
+        "rng": capture_rng(),
+        "elapsed_s": metrics["time_s"],
+        "recipe_sha256": recipe_sha256(run.recipe_yaml),  # recipe.yaml's text: export checks it
+    }
+    if run.ranks.main:
+        append_metrics(run.out, records)
+        save_checkpoint(run.out / CHECKPOINT_FILE, checkpoint)
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """End the recipe's phases, write the summary, and give the model back plain."""
+    run.session.finalize()
+    summary = summarize(run.out, run.spec, run.data.name, run.model, run.session)
+    if run.ranks.main:
+        write_summary(run.out, summary)
+    run.session.close()
+    return summary
+
+
+def start_run_folder(run: Run) -> tuple[int, float]:
+    """A new run's files (written by rank 0); it starts at epoch 0, with no time trained."""
+    if run.ranks.main:
+        start_records(run.out, run.recipe_yaml, run.spec, run.data.name, run.config.device)
+        if any(m.config.wants_validation_samples for m in run.modifiers):  # the token map
+            save_samples(run.out, run.data.val)
+    return 0, 0.0
+
+
+def resume(run: Run) -> tuple[int, float]:
+    """Restore every piece of state from the run folder; return (epoch to continue from,
+    seconds trained so far)."""
+    out = run.out
+    saved_recipe = read_recipe_yaml(out)
+    if saved_recipe != run.recipe_yaml:
+        raise SparsekitError(
+            f"--resume: {out}/{RECIPE_FILE} differs from the recipe given now (after --set and "
+            "--epochs). Resume with the same recipe and options, or start a new --output folder."
+        )
+    saved_model = read_run_json(out).model.model_dump()
+    if saved_model != asdict(run.spec):
+        raise SparsekitError(
+            f"--resume: {out} was trained with model {saved_model}, not {asdict(run.spec)}. Use "
+            "the same --model, --data, --img-size and --patch-size."
+        )
+    ckpt = read_checkpoint(out, saved_recipe)
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.session.load_state_dict(ckpt["session"])
+        restore_rng(ckpt["rng"])
+    except STATE_MISMATCH as err:
+        raise SparsekitError(
+            f"--resume: {out}/{CHECKPOINT_FILE} does not fit this run "
+            f"({str(err).splitlines()[0][:200]}); it was written for another model or recipe. "
+            "Resume with the options the run started with, or start a new --output folder."
+        ) from None
+    epoch = int(ckpt["epoch"])
+    steps_per_epoch = run.session.timeline.steps_per_epoch
+    if ckpt["steps_per_epoch"] != steps_per_epoch:
+        raise SparsekitError(
+            f"--resume: {out}/{CHECKPOINT_FILE} was trained with {ckpt['steps_per_epoch']} steps "
+            f"per epoch, but the data now gives {steps_per_epoch}: the data set changed (images "
+            "added or removed, or another --data). Resume with the data the run started with, or "
+            "start a new --output folder."
+        )
+    if run.ranks.main:  # every rank loads the checkpoint; only rank 0 rewrites the log
+        keep_metrics_through(out, epoch)
+    return epoch, float(ckpt.get("elapsed_s", 0.0))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable[Any], device: torch.device, amp_dtype: torch.dtype | None
+) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy over `loader` (over every rank's share of the
+    data under torch.distributed)."""
+    model.eval()
+    sums = DeviceSums(device)
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        sums.add(F.cross_entropy(logits.float(), labels, reduction="sum"), logits, labels)
+    loss_sum, correct, seen = sum_over_ranks(sums.read(), device)
+    return loss_sum / seen, correct / seen
+
+
+class DeviceSums:
+    """Summed loss and correct predictions, kept on the device batch after batch and read back
+    (one CPU-GPU synchronisation) only when asked."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0
+
+    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: `loss_sum` is its loss summed over its images."""
+        self.loss += loss_sum
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+    def read(self) -> list[float]:
+        """[loss sum, correct, seen]."""
+        return [self.loss.item(), float(self.correct.item()), float(self.seen)]
+
+
+class ProgressLine:
+    """The text beside an epoch's progress bar: running loss and accuracy, learning rate,
+    sparsity and the active phases."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.sparsity, self.events_seen = 0.0, -1
+
+    def info(self, sums: DeviceSums) -> dict[str, str]:
+        """The bar's `info` field (none before a step has trained: the last text stays)."""
+        if not sums.seen:
+            return {}
+        session = self.run.session
+        if self.events_seen != len(session.events):  # sparsity only changes at updates
+            self.sparsity, self.events_seen = global_sparsity(session.masks()), len(session.events)
+        loss_sum, correct, seen = sums.read()
+        return {
+            "info": f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
+            f"lr {self.run.scheduler.get_last_lr()[0]:.2e} sparsity {self.sparsity:.3f} "
+            f"[{', '.join(session.active_phases()) or 'dense'}]"
+        }
+
+
+def make_loaders(
+    data: DataBundle,
+    batch_size: int,
+    workers: int,
+    ranks: Ranks,
+    device: torch.device,
+    sampler_gen: torch.Generator,
+) -> tuple[DataLoader, DataLoader]:
+    """The training loader (one seeded order, each rank its share of every global batch) and
+    this rank's share of the validation set."""
+    if ranks.world == 1:
+        batches: dict[str, Any] = {
+            "batch_size": batch_size,
+            "sampler": RandomSampler(data.train, generator=sampler_gen),
+        }
+    else:
+        sampler = ShardedBatchSampler(len(data.train), batch_size, ranks, sampler_gen)
+        batches = {"batch_sampler": sampler}
+    loader = DataLoader(
+        data.train, **batches, num_workers=workers, pin_memory=device.type == "cuda"
+    )
+    val = Subset(data.val, range(ranks.rank, len(data.val), ranks.world))
+    val_loader = DataLoader(val, batch_size=max(batch_size, 256), num_workers=workers)
+    return loader, val_loader
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Training, timeline: Timeline
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to `min_lr`, stepped once per optimizer step."""
     warmup = timeline.steps(cfg.schedule.warmup)
     base_lr = cfg.optimizer.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: (
             warmup_cosine_lr(
@@ -150,164 +527,19 @@ def _train(recipe: Recipe, run: RunConfig, out: Path, console: Console) -> dict[
             / base_lr
         ),
     )
-    session = Session(model, optimizer, modifiers, timeline)
-    # The session and its modifiers work on the model itself; DDP runs forward and backward.
-    trained = model
-    if ranks.world > 1:
-        trained = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=any(m.kind == "token_select" for m in modifiers),
+
+
+def _say_what_was_skipped(data: DataBundle, console: Console) -> None:
+    if data.skipped:
+        console.print(
+            f"skipped {len(data.skipped)} unreadable images (--bad-images skip), e.g. "
+            f"{data.skipped[0]}"
         )
-    amp_dtype = _amp_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-    # Run folder: resume from it, or start it.
-    start_epoch, elapsed = 0, 0.0
-    if run.resume:
-        start_epoch, elapsed = _resume(
-            out, recipe, spec, model, optimizer, scheduler, scaler, session, ranks.main
+    if data.skipped_links:
+        console.print(
+            f"skipped {len(data.skipped_links)} symbolic links in --data (loops, duplicates, "
+            f"broken links, or links out of their split), e.g. {data.skipped_links[0]}"
         )
-    elif ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
-        write_text_atomic(out / "run.json", json.dumps(_run_record(spec, run, data.name), indent=2))
-        write_text_atomic(out / "metrics.jsonl", "")
-        if any(m.kind == "token_select" for m in modifiers):  # for the report's token map
-            save_samples(out, data.val)
-    last_epoch = min(cfg.epochs, run.stop_after_epoch or cfg.epochs)
-    recipe_hash = recipe_sha256(dump_recipe(recipe))  # recipe.yaml's text: export checks it
-
-    started = time.perf_counter() - elapsed
-    skipped = 0  # non-finite losses skipped in a row
-    with _progress(console) as progress:
-        for epoch in range(start_epoch, last_epoch):
-            # Train one epoch; the sampler's order depends only on (seed, epoch).
-            sampler_gen.manual_seed(cfg.seed * 100_003 + epoch)
-            model.train()
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), info="")
-            loss_sum = correct = seen = 0.0
-            sparsity, events_seen = 0.0, -1
-            epoch_started = time.perf_counter()
-            for images, labels in _batches(loader, epoch):
-                images, labels = images.to(device, non_blocking=True), labels.to(device)
-                session.batch_start()
-                try:
-                    with torch.autocast(
-                        device.type, dtype=amp_dtype, enabled=amp_dtype is not None
-                    ):
-                        logits = trained(images)
-                        loss = criterion(logits, labels)
-                except torch.cuda.OutOfMemoryError:
-                    raise SparsekitError(
-                        f"a batch of {len(labels)} images per process does not fit in the memory "
-                        f"of {device}; give a smaller global batch (e.g. --batch-size "
-                        f"{max(1, cfg.batch_size // 2)}) or a smaller --img-size."
-                    ) from None
-                if not all_finite(loss, device):
-                    if cfg.nonfinite_loss == "stop" or skipped >= MAX_SKIPPED_IN_A_ROW:
-                        streak = f", {skipped + 1} steps in a row" if skipped else ""
-                        raise SparsekitError(
-                            f"the loss became {loss.item()} at step {session.step} (epoch "
-                            f"{epoch + 1}{streak}). Lower training.optimizer.lr or set "
-                            f"training.grad_clip, then {_how_to_continue(epoch)}."
-                        )
-                    # Skip: no backward, no optimizer step; the phases still see the step (an
-                    # update due now waits for the next step that trains).
-                    skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    session.skip_step()
-                    with warnings.catch_warnings():  # "scheduler before optimizer": on purpose
-                        warnings.simplefilter("ignore", UserWarning)
-                        scheduler.step()
-                    session.events.append({"event": "skipped_step", "step": session.step})
-                    progress.update(task, advance=1)
-                    continue
-                skipped = 0
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                session.before_optimizer_step()
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                session.after_optimizer_step()
-                scheduler.step()
-
-                loss_sum += loss.item() * len(labels)
-                correct += (logits.argmax(1) == labels).sum().item()
-                seen += len(labels)
-                if events_seen != len(session.events):  # sparsity only changes at updates
-                    sparsity, events_seen = global_sparsity(session.masks()), len(session.events)
-                progress.update(
-                    task,
-                    advance=1,
-                    info=(
-                        f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
-                        f"lr {scheduler.get_last_lr()[0]:.2e} sparsity {sparsity:.3f} "
-                        f"[{', '.join(session.active_phases()) or 'dense'}]"
-                    ),
-                )
-            train_time = time.perf_counter() - epoch_started
-            progress.remove_task(task)
-            session.epoch_end()
-
-            # Evaluate, log, checkpoint (metrics first: resume drops lines past the checkpoint).
-            # Every rank evaluates its share of the validation set; the sums are added up.
-            loss_sum, correct, seen = sum_over_ranks([loss_sum, correct, seen], device)
-            val_loss, val_acc = evaluate(model, _batches(val_loader, epoch), device, amp_dtype)
-            metrics = {
-                "epoch": epoch + 1,
-                "step": session.step,
-                "train_loss": loss_sum / seen if seen else math.nan,  # nan: all steps skipped
-                "train_acc": correct / seen if seen else math.nan,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "lr": scheduler.get_last_lr()[0],
-                "sparsity": global_sparsity(session.masks()),
-                "layer_sparsity": layer_sparsity(session.masks(), session.unit_masks()),
-                "train_time_s": train_time,
-                "steps_in_epoch": len(loader),
-                "time_s": time.perf_counter() - started,
-            }
-            records = [
-                *({"epoch": epoch + 1, **e} for e in session.events),
-                {"event": "epoch", **metrics},
-            ]
-            session.events.clear()
-            console.print(
-                f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.3f}  "
-                f"val acc {val_acc:.4f}  sparsity {metrics['sparsity']:.4f}"
-            )
-            checkpoint = {
-                "epoch": epoch + 1,
-                "steps_per_epoch": len(loader),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "session": session.state_dict(),  # on every rank: it may add up across ranks
-                "rng": capture_rng(),
-                "elapsed_s": metrics["time_s"],
-                "recipe_sha256": recipe_hash,
-            }
-            if ranks.main:
-                _append_metrics(out, records)
-                save_checkpoint(out / "checkpoint.pt", checkpoint)
-
-    if last_epoch < cfg.epochs:
-        console.print(f"stopped after epoch {last_epoch} of {cfg.epochs}; continue with --resume.")
-        leave()
-        return {"stopped_at_epoch": last_epoch}
-    session.finalize()
-    summary = _summary(out, spec, data.name, model, session)
-    if ranks.main:
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    console.print(summary_table(summary, out))
-    leave()
-    return summary
 
 
 def _batches(loader: DataLoader, epoch: int) -> Iterator[Any]:
@@ -321,17 +553,6 @@ def _batches(loader: DataLoader, epoch: int) -> Iterator[Any]:
         else:
             then = "run the same command again: no epoch has finished, so nothing is lost"
         raise DataError(f"{user_message(err)} Then {then}.") from None
-
-
-def _how_to_continue(epoch: int) -> str:
-    """After a non-finite loss: --resume would repeat the same steps bit for bit (and must keep
-    the recipe), so a changed recipe starts again."""
-    if not epoch:
-        return "run it again (no epoch has finished, so nothing is lost)"
-    return (
-        "start it again in a new --output folder (--resume continues bit for bit from the "
-        f"checkpoint of epoch {epoch} under the unchanged recipe, so it would repeat these steps)"
-    )
 
 
 def model_spec(run: RunConfig, data: DataBundle, drop_path: float) -> ModelSpec:
@@ -365,89 +586,17 @@ def model_spec(run: RunConfig, data: DataBundle, drop_path: float) -> ModelSpec:
     )
 
 
-MAX_WORKERS = 256  # data loader processes; more is a typo, and each one is a process
-MAX_SKIPPED_IN_A_ROW = 10  # with nonfinite_loss: skip, a longer streak stops the run
-
-
-def all_finite(loss: torch.Tensor, device: torch.device) -> bool:
-    """Whether the loss is finite on every process, so that all skip a step or none does
-    (a process skipping alone would leave DDP waiting for its gradients)."""
-    finite = float(bool(torch.isfinite(loss)))
-    if dist.is_available() and dist.is_initialized():
-        return sum_over_ranks([finite], device)[0] == dist.get_world_size()
-    return finite == 1.0
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Iterable[Any], device: torch.device, amp_dtype: torch.dtype | None
-) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy over `loader` (over every rank's share of the
-    data under torch.distributed)."""
-    model.eval()
-    loss_sum = correct = seen = 0.0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-    loss_sum, correct, seen = sum_over_ranks([loss_sum, correct, seen], device)
-    return loss_sum / seen, correct / seen
-
-
-def summary_table(summary: dict[str, Any], out: Path) -> Table:
-    """The final table printed at the end of a run."""
-    table = Table(title=f"sparsekit run: {out}", show_header=False)
-    sp = summary["sparsity"]
-    rows = [
-        ("model", summary["model"]),
-        ("data", summary["data"]),
-        ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
-        ("val accuracy (final)", f"{summary['val_acc']:.4f}"),
-        ("val accuracy (best)", f"{summary['best_val_acc']:.4f}"),
-    ]
-    if sp["masked_params"]:
-        rows.append(
-            (
-                "sparsity of targets",
-                f"{sp['global_sparsity']:.4f} ({sp['masked_kept']:,} of {sp['masked_params']:,} "
-                "kept)",
-            )
-        )
-    rows.append(("non-zero parameters", f"{sp['nonzero_params']:,} of {sp['total_params']:,}"))
-    cost = summary.get("export_cost")
-    if cost:
-        rows.append(
-            (
-                "export (--compact), per image",
-                f"{cost['flops'] / 1e6:,.2f} MFLOPs ({cost['flops'] / cost['dense_flops']:.3f}x "
-                f"dense), {cost['params']:,} parameters ({cost['params'] / cost['dense_params']:.3f}"
-                "x dense)",
-            )
-        )
-    for kind, suffix in (("heads", ".attn"), ("MLP neurons", ".mlp")):
-        units = [u for name, u in summary["units"].items() if name.endswith(suffix)]
-        if units:
-            kept, total = sum(u["kept"] for u in units), sum(u["total"] for u in units)
-            rows.append((f"{kind} kept", f"{kept:,} of {total:,} ({kept / total:.3f})"))
-    for key, value in rows:
-        table.add_row(key, str(value))
-    return table
-
-
 def _check_output(out: Path, resume: bool) -> None:
     # A folder with recipe.yaml but no checkpoint was stopped before its first epoch ended:
     # nothing is lost by starting it again.
-    if (out / "checkpoint.pt").exists() and not resume:
+    if (out / CHECKPOINT_FILE).exists() and not resume:
         raise SparsekitError(
             f"{out} already holds a run. Continue it with --resume, or choose another --output "
             "folder (sparsekit never overwrites a run)."
         )
-    if resume and not (out / "checkpoint.pt").exists():
+    if resume and not (out / CHECKPOINT_FILE).exists():
         raise SparsekitError(
-            f"--resume: {out} has no checkpoint.pt to continue from. Check --output, or start "
+            f"--resume: {out} has no {CHECKPOINT_FILE} to continue from. Check --output, or start "
             "the run without --resume."
         )
 
@@ -536,125 +685,6 @@ def make_optimizer(model: nn.Module, cfg: Training) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
         return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas)
-
-
-def _run_record(spec: ModelSpec, run: RunConfig, data_name: str) -> dict[str, Any]:
-    return {"model": asdict(spec), "data": data_name, "device": run.device}
-
-
-def _resume(
-    out: Path,
-    recipe: Recipe,
-    spec: ModelSpec,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    session: Session,
-    main: bool = True,
-) -> tuple[int, float]:
-    """Restore every piece of state from the run folder; return (epoch to continue from,
-    seconds trained so far)."""
-    saved_recipe = (
-        (out / "recipe.yaml").read_text(encoding="utf-8") if (out / "recipe.yaml").exists() else ""
-    )
-    if saved_recipe != dump_recipe(recipe):
-        raise SparsekitError(
-            f"--resume: {out}/recipe.yaml differs from the recipe given now (after --set and "
-            "--epochs). Resume with the same recipe and options, or start a new --output folder."
-        )
-    saved_model = read_run_json(out).model.model_dump()
-    if saved_model != asdict(spec):
-        raise SparsekitError(
-            f"--resume: {out} was trained with model {saved_model}, not {asdict(spec)}. Use the "
-            "same --model, --data, --img-size and --patch-size."
-        )
-    ckpt = require_complete(load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
-    check_recipe_hash(out, saved_recipe, ckpt)
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        session.load_state_dict(ckpt["session"])
-        restore_rng(ckpt["rng"])
-    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:
-        raise SparsekitError(
-            f"--resume: {out}/checkpoint.pt does not fit this run ({str(err).splitlines()[0][:200]}); "
-            "it was written for another model or recipe. Resume with the options the run started "
-            "with, or start a new --output folder."
-        ) from None
-    epoch = int(ckpt["epoch"])
-    if ckpt["steps_per_epoch"] != session.timeline.steps_per_epoch:
-        raise SparsekitError(
-            f"--resume: {out}/checkpoint.pt was trained with {ckpt['steps_per_epoch']} steps per "
-            f"epoch, but the data now gives {session.timeline.steps_per_epoch}: the data set "
-            "changed (images added or removed, or another --data). Resume with the data the run "
-            "started with, or start a new --output folder."
-        )
-    if main:  # every rank loads the checkpoint; only rank 0 rewrites the log
-        kept = [r for r in read_metrics(out) if r.get("epoch", 0) <= epoch]
-        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-    return epoch, float(ckpt.get("elapsed_s", 0.0))
-
-
-def _append_metrics(out: Path, records: list[dict[str, Any]]) -> None:
-    try:
-        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-    except OSError as err:
-        raise SparsekitError(
-            f"cannot append to {out}/metrics.jsonl ({err.strerror or err}); the checkpoint of "
-            "the previous epoch is intact. Free disk space (or fix the folder) and continue "
-            "with --resume."
-        ) from None
-
-
-def _summary(
-    out: Path, spec: ModelSpec, data_name: str, model: nn.Module, session: Session
-) -> dict[str, Any]:
-    records = read_metrics(out)
-    epochs = [r for r in records if r.get("event") == "epoch"]
-    last = epochs[-1] if epochs else {}
-    return {
-        "model": spec.name,
-        "model_kwargs": spec.kwargs,
-        "data": data_name,
-        "epochs": session.timeline.epochs,
-        "steps": session.step,
-        "val_acc": last.get("val_acc", math.nan),
-        "val_loss": last.get("val_loss", math.nan),
-        "best_val_acc": max((e["val_acc"] for e in epochs), default=math.nan),
-        "updates": sum(1 for r in records if r.get("event") == "mask_update"),
-        "time_s": last.get("time_s", 0.0),
-        "sparsity": sparsity_report(model, session.masks()),
-        "units": {
-            name: {"kept": int(keep.sum()), "total": keep.numel()}
-            for name, keep in session.unit_masks().items()
-        },
-        "export_cost": export_cost(spec, model, session),
-    }
-
-
-def export_cost(spec: ModelSpec, model: nn.Module, session: Session) -> dict[str, int]:
-    """What `sparsekit export --compact` of this model will cost per image, beside dense:
-    the compacted model is built in memory as the export builds it, and counted."""
-    from sparsekit.analysis.cost import model_cost
-    from sparsekit.export.writer import baked_model
-
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    masks = {k: v.cpu() for k, v in session.masks().items()}
-    units = {k: v.cpu() for k, v in session.unit_masks().items()}
-    compact = model_cost(baked_model(spec, state, masks, units, session.token_placements()))
-    dense = model_cost(create_model(spec))
-    return {
-        "flops": compact.flops,
-        "params": compact.params,
-        "nonzero_params": compact.nonzero_params,
-        "dense_flops": dense.flops,
-        "dense_params": dense.params,
-    }
 
 
 def _progress(console: Console) -> Progress:

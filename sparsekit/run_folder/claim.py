@@ -19,15 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sparsekit.exclusive import locked_folder, refuse_unless_ours
+from sparsekit.run_folder.layout import CHECKPOINT_FILE, MARKER_FILE, RUN_FILE
 
-MARKER = ".sparsekit-run"
 _CONTENT = b"sparsekit run folder: written by `sparsekit apply`; locked while a run trains.\n"
 
 
 def is_run_folder(folder: Path) -> bool:
     """Whether sparsekit made this folder as a run folder (marker, or an older run's files)."""
-    return (folder / MARKER).is_file() or (
-        (folder / "run.json").is_file() and (folder / "checkpoint.pt").is_file()
+    return (folder / MARKER_FILE).is_file() or (
+        (folder / RUN_FILE).is_file() and (folder / CHECKPOINT_FILE).is_file()
     )
 
 
@@ -46,7 +46,7 @@ def claim_run_folder(folder: Path) -> Iterator[None]:
         is_file=f"--output {folder} is a file, not a folder; give a folder for the run "
         "(new, empty, or one that sparsekit apply created).",
         not_ours=f"--output {folder} already holds files that sparsekit did not write (it has no "
-        f"{MARKER} marker), so it is not a run folder; nothing in it was touched. Give a new "
+        f"{MARKER_FILE} marker), so it is not a run folder; nothing in it was touched. Give a new "
         "or empty folder for the run.",
     )
     busy = (
@@ -61,7 +61,7 @@ def claim_run_folder(folder: Path) -> Iterator[None]:
             "you can write."
         )
 
-    with locked_folder(folder, busy, cannot, lock_file=MARKER) as fd:
+    with locked_folder(folder, busy, cannot, lock_file=MARKER_FILE) as fd:
         if os.fstat(fd).st_size == 0:
             os.write(fd, _CONTENT)
         yield

@@ -15,6 +15,8 @@ import torch
 
 from sparsekit.atomic import atomic_path
 from sparsekit.errors import SparsekitError
+from sparsekit.hashing import recipe_sha256, tensor_bytes, tensors_sha256
+from sparsekit.run_folder.layout import CHECKPOINT_FILE, RECIPE_FILE
 
 FORMAT = 1
 # What every checkpoint holds, and the type each piece must have to be used.
@@ -30,6 +32,11 @@ REQUIRED = {
 }
 
 
+# What `load_state_dict` of a model, optimizer, scheduler or session raises for a state that was
+# saved by another model or recipe.
+STATE_MISMATCH = (KeyError, RuntimeError, ValueError, TypeError, IndexError)
+
+
 def payload_sha256(payload: Any) -> str:
     """A hash of a checkpoint's whole contents (weights, optimizer and phase state, counters):
     it changes if any key, number, string or tensor (dtype, shape, value) changes."""
@@ -37,9 +44,8 @@ def payload_sha256(payload: Any) -> str:
 
     def feed(obj: Any) -> None:
         if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            digest.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(f"T{obj.dtype}{tuple(obj.shape)}|".encode())
+            digest.update(tensor_bytes(obj))
         elif isinstance(obj, dict):
             digest.update(f"d{len(obj)}|".encode())
             for key in sorted(obj, key=repr):
@@ -162,9 +168,38 @@ def _hash_matches(payload: dict[str, Any]) -> bool:
     if "sha256" in payload:
         return payload.pop("sha256") == payload_sha256(payload)
     if "model_sha256" in payload:
-        from sparsekit.export.manifest import tensors_sha256
-
         expected = payload.pop("model_sha256")
         model = payload.get("model")
         return isinstance(model, dict) and tensors_sha256(model) == expected
     return True  # the earliest checkpoints carry no hash
+
+
+def read_checkpoint(folder: Path, recipe_yaml: str) -> dict[str, Any]:
+    """The run folder's checkpoint, complete and trained under `recipe_yaml` (the text of
+    the folder's recipe.yaml), for resuming or exporting from.
+
+    Raises:
+        SparsekitError: see `load_checkpoint` and `require_complete`; also a recipe.yaml edited
+            after the checkpoint was written.
+    """
+    path = folder / CHECKPOINT_FILE
+    payload = require_complete(load_checkpoint(path), path)
+    check_recipe_hash(folder, recipe_yaml, payload)
+    return payload
+
+
+def check_recipe_hash(folder: Path, recipe_yaml: str, ckpt: dict[str, Any]) -> None:
+    """Refuse a recipe.yaml that is not the one the checkpoint was trained under.
+
+    Checkpoints written before the hash was recorded carry none and are not checked."""
+    recorded = ckpt.get("recipe_sha256")
+    if recorded is None:
+        return
+    now = recipe_sha256(recipe_yaml)
+    if now != recorded:
+        raise SparsekitError(
+            f"{folder}/{RECIPE_FILE} (sha256 {now[:12]}) is not the recipe "
+            f"{folder}/{CHECKPOINT_FILE} was trained under (sha256 {str(recorded)[:12]}): it was "
+            "edited after training. Restore the recipe the run was trained under, or train the "
+            "edited recipe in a new --output folder."
+        )
