@@ -4,14 +4,19 @@ local weights, and offline-safe errors."""
 from __future__ import annotations
 
 import difflib
+import logging
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from sparsekit.errors import SparsekitError
+from sparsekit.errors import SparsekitError, UsageError
+
+_logger = logging.getLogger(__name__)
 
 # timm modules whose models are (subclasses of) timm's VisionTransformer.
 SUPPORTED_FAMILIES = {"timm.models.vision_transformer", "timm.models.deit"}
@@ -57,6 +62,11 @@ MAX_PARAMS = 4_000_000_000  # the largest timm ViT has 2.7e9
 MAX_MODEL_ARGS = 64
 MAX_STR_LEN = 256
 MAX_LIST_LEN = 16
+# Weights files --checkpoint reads: safetensors, and torch.save files read with weights_only=True.
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# Where a training checkpoint wraps its state dict, in the order timm's load_state_dict tries
+# them (EMA weights first).
+STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 @dataclass(frozen=True)
@@ -295,58 +305,257 @@ def _build(spec: ModelSpec, meta: bool = False, pretrained: bool = False) -> nn.
 
 
 def create_model(
-    spec: ModelSpec, pretrained: bool = False, checkpoint: str | Path | None = None
+    spec: ModelSpec,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Check `spec` (`check_spec`), build it with timm, then load timm weights (`pretrained`)
-    or a local safetensors file.
+    or a local weights file (`checkpoint`, see `load_weights`; never downloads). What was
+    adapted to the model (a fresh head, resampled position embeddings) is told to `note`, one
+    line each (logged at info level when `note` is None).
 
     Raises:
         SparsekitError: a refused spec, weights cannot be fetched (offline), or the checkpoint
-            does not fit.
+            cannot be read or does not fit.
+        UsageError: both `pretrained` and `checkpoint`.
     """
     from sparsekit.surgery.targets import check_supported
 
+    if pretrained and checkpoint is not None:
+        raise UsageError(
+            f"--pretrained and --checkpoint {checkpoint} both choose the starting weights; give "
+            "one of them (--checkpoint loads a local file and never downloads)."
+        )
     check_spec(spec)
     model = _build(spec, pretrained=pretrained)
     check_supported(model)
     if checkpoint is not None:
-        load_weights(model, Path(checkpoint))
+        for line in load_weights(model, Path(checkpoint)):
+            (note or _logger.info)(line)
     return model
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a safetensors state dict into `model`, refusing files that do not fit it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_weights(model: nn.Module, path: Path) -> list[str]:
+    """Load a weights file into `model` the way timm loads pretrained weights, and return a
+    line for each thing adapted to the model.
 
-    if path.suffix != ".safetensors":
-        raise SparsekitError(
-            f"{path}: --checkpoint takes a .safetensors file (pickled .pt/.pth files can run "
-            "code when loaded); convert it with safetensors.torch.save_file(state_dict, path)."
-        )
-    if not path.is_file():
-        raise SparsekitError(f"{path}: no such checkpoint file.")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise SparsekitError(
-            f"{path}: not a readable safetensors file ({_first_line(err)})."
-        ) from None
+    The file is a `.safetensors` file, or a `.pth`/`.pt`/`.bin` file read with
+    `torch.load(weights_only=True)` (a pickle of Python objects is refused, never run). It
+    holds a state dict, or one wrapped under `state_dict_ema`, `model_ema`, `state_dict` or
+    `model` (timm's order: EMA weights first); `module.` and `_orig_mod.` prefixes are dropped.
+    Then, as timm's `load_pretrained` does: timm's ViT `checkpoint_filter_fn` resamples the
+    position embeddings (another image or patch size) and the patch embedding (another patch
+    size) and converts known foreign layouts; a patch embedding of other input channels is
+    converted (`adapt_input_conv`); and a head of another number of classes is left out, so
+    the model keeps its freshly initialised one. Anything else that does not fit is refused.
+
+    Raises:
+        SparsekitError: the file is missing, unreadable, refused, or does not fit `model`.
+    """
+    state = read_state_dict(path)
+    adapted, reset, notes = _adapt(model, state, path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing = sorted(set(own) - set(adapted) - set(reset))
+    unexpected = sorted(set(adapted) - set(own))
+    wrong = sorted(k for k in set(own) & set(adapted) if own[k].shape != adapted[k].shape)
     if missing or unexpected or wrong:
+        shapes = [
+            f"{k} (file {_shape(adapted[k].shape)}, model {_shape(own[k].shape)})" for k in wrong
+        ]
         detail = "; ".join(
-            f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+            f"{label}: {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
             if keys
         )
         raise SparsekitError(
             f"{path}: weights do not fit {type(model).__name__} ({detail}). Build the model with "
-            "the same --model, --img-size and --patch-size the weights were trained with."
+            "the same --model and --model-arg the weights were trained with: another number of "
+            "classes, image size, patch size or input channels is adapted, other differences "
+            "(depth, width, heads, tokens) are not."
         )
-    model.load_state_dict(state)
+    model.load_state_dict(adapted, strict=False)
+    return notes
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """The state dict in a weights file: safetensors, or torch.load(weights_only=True) of a
+    .pth/.pt/.bin file, unwrapped and with wrapper prefixes removed (timm's clean_state_dict).
+
+    Raises:
+        SparsekitError: unknown suffix, no such file, unreadable or refused, no state dict.
+    """
+    import torch
+    from timm.models import clean_state_dict
+
+    kinds = ", ".join(WEIGHT_SUFFIXES)
+    if path.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise SparsekitError(
+            f"{path}: --checkpoint takes a weights file ending in {kinds}, not "
+            f"{path.suffix or 'a name without a suffix'!r}. Save the weights with "
+            "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors') or "
+            "torch.save(model.state_dict(), 'weights.pth')."
+        )
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file:
+        raise SparsekitError(
+            f"{path}: no such checkpoint file. --checkpoint takes a weights file ({kinds}); "
+            "check the path."
+        )
+    read = _read_safetensors if path.suffix.lower() == ".safetensors" else _read_torch
+    state = read(path)
+    if isinstance(state, dict):
+        for key in STATE_DICT_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    tensors = isinstance(state, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    )
+    if not tensors or not state:
+        if isinstance(state, dict):
+            odd = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+            what = f"entries that are not tensors: {', '.join(odd[:3])}" if odd else "nothing"
+        else:
+            what = f"a {type(state).__name__}"
+        raise SparsekitError(
+            f"{path}: holds no state dict ({what}). --checkpoint reads a mapping of parameter "
+            f"names to tensors, or one wrapped under {', '.join(map(repr, STATE_DICT_KEYS))}; "
+            "save one with torch.save(model.state_dict(), path)."
+        )
+    return clean_state_dict(state)
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SparsekitError(
+            f"{path}: not a readable safetensors file ({_first_line(err)}); it may be truncated "
+            "or damaged. Save the weights again with safetensors.torch.save_file(state_dict, "
+            "path)."
+        ) from None
+
+
+def _read_torch(path: Path) -> Any:
+    """torch.load with weights_only=True, never otherwise: tensors and plain containers only
+    (and argparse.Namespace, which timm's training checkpoints hold, as timm allows)."""
+    import argparse
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        needed = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if needed:
+            raise SparsekitError(
+                f"{path}: refused: it pickles Python objects (it needs {needed.group(1)}), not "
+                "only tensors, and loading it could run code, so sparsekit does not: .pth, .pt "
+                "and .bin files are read with torch.load(weights_only=True) only. If you trust "
+                "the file, load it yourself and save the weights alone: "
+                "torch.save(model.state_dict(), 'weights.pth') or "
+                "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')."
+            ) from None
+        why = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
+        detail = why.group(1).strip() if why else _first_line(err)
+    except EOFError:
+        detail = "it ends before any data"
+    except Exception as err:  # noqa: BLE001 - any failure to read the file is the user's to fix
+        detail = f"{type(err).__name__}: {_first_line(err).split('. ')[0][:200]}"
+    raise SparsekitError(
+        f"{path}: not a readable PyTorch weights file ({detail}): it may be truncated, damaged "
+        "or of another format, and torch.load(weights_only=True) reads only tensors and plain "
+        "containers. Save the weights again with torch.save(model.state_dict(), path) or "
+        "safetensors.torch.save_file(model.state_dict(), path)."
+    )
+
+
+def _adapt(
+    model: nn.Module, state: dict[str, Any], path: Path
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """timm's adaptation of pretrained weights to `model` (`load_pretrained`): the ViT
+    checkpoint filter, input channels, a head of another number of classes left out. Returns
+    the adapted state, the model's keys left at their initialisation, and a line per change."""
+    from timm.models import adapt_input_conv
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    name = str(getattr(model, "pretrained_cfg", {}).get("architecture", ""))
+    # As timm's ViT builders pass it: deit3 layer scales remapped (harmless elsewhere); FlexiViT
+    # resamples bilinear without antialiasing.
+    options: dict[str, Any] = {"adapt_layer_scale": True}
+    if "flexi" in name:
+        options.update(interpolation="bilinear", antialias=False)
+    try:
+        adapted = checkpoint_filter_fn(dict(state), model, **options)
+    except Exception as err:  # noqa: BLE001 - timm's filter fails on weights of another layout
+        raise SparsekitError(
+            f"{path}: timm cannot adapt these weights to {type(model).__name__} "
+            f"({type(err).__name__}: {_first_line(err)}). Build the model with the same --model "
+            "and --model-arg the weights were trained with."
+        ) from None
+    own = model.state_dict()
+    notes = []
+    before, after = state.get("pos_embed"), adapted.get("pos_embed")
+    if before is not None and after is not None and before.shape != after.shape:
+        notes.append(
+            f"{path.name}: position embeddings resampled from {before.shape[1]} to "
+            f"{after.shape[1]} tokens for a {'x'.join(map(str, model.patch_embed.grid_size))} grid "
+            "of patches (another image or patch size than the file's)."
+        )
+    key = "patch_embed.proj.weight"
+    weight = adapted.get(key)
+    if weight is not None and key in own and weight.ndim == 4:
+        source = state.get(key)
+        if source is not None and source.shape[2:] != weight.shape[2:]:
+            notes.append(
+                f"{path.name}: patch embedding resampled from {_size(tuple(source.shape[2:]))} to "
+                f"{_size(tuple(weight.shape[2:]))} px patches."
+            )
+        if weight.shape[1] != own[key].shape[1] and weight.shape[0] == own[key].shape[0]:
+            try:
+                adapted[key] = adapt_input_conv(own[key].shape[1], weight)
+                notes.append(
+                    f"{path.name}: patch embedding converted from {weight.shape[1]} to "
+                    f"{own[key].shape[1]} input channels."
+                )
+            except NotImplementedError:
+                pass  # reported as a shape that does not fit
+    classifiers = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    heads = [f"{c}.{p}" for c in classifiers for p in ("weight", "bias")]
+    other = [
+        k for k in heads if k in adapted and (k not in own or own[k].shape != adapted[k].shape)
+    ]
+    reset: list[str] = []
+    if other:  # timm drops the whole classifier when the number of classes differs
+        classes = adapted[other[0]].shape[0]
+        for k in heads:
+            adapted.pop(k, None)
+        reset = [k for k in heads if k in own]
+        if reset:
+            notes.append(
+                f"{path.name}: the file's head has {classes} classes, the model "
+                f"{model.num_classes}: {', '.join(reset)} start fresh (timm's initialisation)."
+            )
+        else:
+            notes.append(
+                f"{path.name}: the file's head ({classes} classes) is left out: the model has "
+                "no head (num_classes 0)."
+            )
+    return adapted, reset, notes
+
+
+def _shape(shape: Any) -> str:
+    return "x".join(str(s) for s in shape) or "scalar"
 
 
 def _first_line(err: BaseException) -> str:

@@ -424,3 +424,71 @@ def test_an_image_folder_survives_pickling_into_a_fresh_process(tmp_path: Path) 
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2", "(3,", "32,", "32)", "[]"]
+
+
+# --- the recipe's data section -------------------------------------------------------------
+def _normalize(transform):
+    from torchvision.transforms import Normalize
+
+    return next(t for t in transform.transforms if isinstance(t, Normalize))
+
+
+def test_folder_transforms_follow_the_models_own_config() -> None:
+    """Unset values come from the model's pretrained config: ViT weights expect 0.5 and
+    bicubic, DeiT's the ImageNet statistics; both a 0.9 centre crop."""
+    from sparsekit.recipe.data import Data
+    from sparsekit.train.transforms import folder_transforms
+
+    _, val, vit = folder_transforms(Data(), "vit_tiny_patch16_224", 32)
+    assert vit == {"interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                   "crop_pct": 0.9}  # fmt: skip
+    assert _normalize(val).mean.tolist() == [0.5] * 3
+    _, _, deit = folder_transforms(Data(), "deit_small_patch16_224", 32)
+    assert deit["mean"] == pytest.approx((0.485, 0.456, 0.406))
+    train, val, mine = folder_transforms(
+        Data(mean=(0.1, 0.2, 0.3), std=(1, 1, 1), interpolation="bilinear", crop_pct=1.0),
+        "vit_tiny_patch16_224",
+        32,
+    )
+    assert mine == {"interpolation": "bilinear", "mean": (0.1, 0.2, 0.3), "std": (1, 1, 1),
+                    "crop_pct": 1.0}  # fmt: skip
+    assert _normalize(train).mean.tolist() == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_reference_augmentation_is_timms() -> None:
+    """The reference's settings (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25) build
+    timm's own transforms, and a policy timm cannot read is a usage error naming it."""
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+
+    from sparsekit.errors import UsageError
+    from sparsekit.recipe.data import Data
+    from sparsekit.train.transforms import folder_transforms
+
+    data = Data(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, interpolation="random")
+    train, val, _ = folder_transforms(data, "deit_small_patch16_224", 32)
+    kinds = {type(t) for t in train.transforms}
+    assert RandAugment in kinds and RandomErasing in kinds
+    assert "bicubic" in repr(val)  # a random training interpolation evaluates bicubic
+    with pytest.raises(UsageError, match="bogus-x1"):
+        folder_transforms(Data(auto_augment="bogus-x1"), "deit_small_patch16_224", 32)
+
+
+def test_image_folder_takes_the_given_transforms(tmp_path: Path) -> None:
+    from sparsekit.recipe.data import Data
+    from sparsekit.train.transforms import folder_transforms
+
+    make_folder(tmp_path, "train", ["cat", "dog"])
+    make_folder(tmp_path, "val", ["cat", "dog"], n=2)
+    made = []
+
+    def transforms(size: int):
+        train, val, _ = folder_transforms(
+            Data(mean=(0.0,) * 3, std=(1.0,) * 3), "vit_tiny_patch16_224", size
+        )
+        made.append(size)
+        return train, val
+
+    data = build_data(str(tmp_path), img_size=32, transforms=transforms)
+    image, _ = data.val[0]
+    assert made == [32] and image.min() >= 0 and image.max() <= 1  # mean 0, std 1: [0, 1]

@@ -73,7 +73,7 @@ def test_every_recipe_field_is_documented() -> None:
     text = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
     models = [
         schema.Recipe, schema.Training, schema.Optimizer, schema.Schedule, schema.Targets,
-        schema.TokenPlacement, *schema.PHASES,
+        schema.TokenPlacement, schema.Data, *schema.PHASES,
     ]  # fmt: skip
     missing = [
         f"{model.__name__}.{field}"

@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from sparsekit.errors import SparsekitError
+from sparsekit.errors import SparsekitError, UsageError
 from sparsekit.models import (
     DENIED_MODEL_ARGS,
     ModelSpec,
@@ -190,3 +190,220 @@ def test_the_meta_check_leaves_a_normal_build_as_timm_makes_it() -> None:
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in built.state_dict().items())
     assert check_spec(spec) == sum(p.numel() for p in built.parameters())
     assert all(p.device.type == "cpu" for p in built.parameters())
+
+
+# --checkpoint FILE: safetensors and weights_only torch files, adapted to the model as timm
+# adapts pretrained weights (head, position and patch embeddings), everything else refused.
+
+TINY = "vit_tiny_patch16_224"
+
+
+def _source() -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    spec = ModelSpec(TINY, SMALL)
+    return spec, create_model(spec).state_dict()
+
+
+def _save(state: dict[str, torch.Tensor], path: Path, wrap: str | None = None) -> Path:
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    elif wrap:  # a training checkpoint: DDP prefixes, other entries beside the weights
+        wrapped = {f"module.{k}": v for k, v in state.items()}
+        torch.save({wrap: wrapped, "epoch": 3, "optimizer": {"lr": 0.1}}, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "wrap"),
+    [
+        ("w.safetensors", None),
+        ("w.pth", None),
+        ("w.pth", "model"),
+        ("w.pt", "state_dict"),
+        ("w.bin", None),
+        ("w.bin", "model_ema"),
+    ],
+)
+def test_weights_files_load_exactly(tmp_path: Path, name: str, wrap: str | None) -> None:
+    spec, state = _source()
+    notes: list[str] = []
+    loaded = create_model(spec, checkpoint=_save(state, tmp_path / name, wrap), note=notes.append)
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert notes == []
+
+
+def test_another_number_of_classes_gets_a_fresh_head(tmp_path: Path) -> None:
+    spec, state = _source()
+    path = _save(state, tmp_path / "w.pth", "model")
+    other = ModelSpec(TINY, {**SMALL, "num_classes": 5})
+    torch.manual_seed(2)
+    fresh = create_model(other).state_dict()
+    torch.manual_seed(2)
+    notes: list[str] = []
+    loaded = create_model(other, checkpoint=path, note=notes.append).state_dict()
+    assert loaded["head.weight"].shape == (5, 192)
+    for key in ("head.weight", "head.bias"):
+        assert torch.equal(loaded[key], fresh[key])  # timm's initialisation, not the file's
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("head."))
+    assert notes == [
+        "w.pth: the file's head has 10 classes, the model 5: head.weight, head.bias start fresh "
+        "(timm's initialisation)."
+    ]
+
+
+def test_another_image_or_patch_size_resamples_the_embeddings(tmp_path: Path) -> None:
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    spec, state = _source()
+    path = _save(state, tmp_path / "w.safetensors")
+    notes: list[str] = []
+    bigger = create_model(
+        ModelSpec(TINY, {**SMALL, "img_size": 48}), checkpoint=path, note=notes.append
+    )
+    expected = resample_abs_pos_embed(
+        state["pos_embed"], new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=1
+    )
+    assert bigger.pos_embed.shape == (1, 37, 192) == expected.shape
+    assert torch.equal(bigger.pos_embed.detach(), expected)
+    assert all(torch.equal(bigger.state_dict()[k], v) for k, v in state.items() if k != "pos_embed")
+    assert torch.isfinite(bigger.eval()(torch.randn(2, 3, 48, 48))).all()
+    assert notes == [
+        "w.safetensors: position embeddings resampled from 17 to 37 tokens for a 6x6 grid of "
+        "patches (another image or patch size than the file's)."
+    ]
+    notes.clear()
+    finer = create_model(
+        ModelSpec(TINY, {**SMALL, "patch_size": 4}), checkpoint=path, note=notes.append
+    )
+    weight = finer.patch_embed.proj.weight.detach()
+    assert torch.equal(weight, resample_patch_embed(state["patch_embed.proj.weight"], [4, 4]))
+    assert finer.pos_embed.shape == (1, 65, 192)
+    assert torch.isfinite(finer.eval()(torch.randn(2, 3, 32, 32))).all()
+    assert "patch embedding resampled from 8 to 4 px patches" in " ".join(notes)
+
+
+def test_pickled_objects_are_refused_and_never_run(tmp_path: Path) -> None:
+    spec, _ = _source()
+    full = tmp_path / "model.pth"
+    torch.save(timm.create_model(TINY, **SMALL), full)
+    with pytest.raises(SparsekitError) as info:
+        create_model(spec, checkpoint=full)
+    message = str(info.value)
+    assert f"{full}: refused: it pickles Python objects" in message
+    assert "VisionTransformer" in message and "weights_only=True" in message
+    assert "torch.save(model.state_dict()" in message
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"model": _Opens(str(marker))}, hostile)
+    with pytest.raises(SparsekitError, match="refused: it pickles Python objects"):
+        create_model(spec, checkpoint=hostile)
+    assert not marker.exists()
+
+
+class _Opens:
+    """Unpickling it would create a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_weights_that_do_not_fit_name_their_keys(tmp_path: Path) -> None:
+    spec, state = _source()
+    cut = {k: v for k, v in state.items() if not k.startswith("blocks.1.")}
+    cut["extra.weight"] = torch.zeros(3)
+    with pytest.raises(SparsekitError) as info:
+        create_model(spec, checkpoint=_save(cut, tmp_path / "cut.bin"))
+    message = str(info.value)
+    assert "weights do not fit VisionTransformer (missing: blocks.1.attn.proj.bias," in message
+    assert "and 9 more; unexpected: extra.weight)" in message
+    assert "--model-arg" in message
+    wide = ModelSpec(TINY, {**SMALL, "embed_dim": 96, "num_heads": 3})
+    with pytest.raises(SparsekitError, match=r"shape: .*\(file 192x192, model 96x96\)"):
+        create_model(wide, checkpoint=_save(state, tmp_path / "w.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("w.pth", b"garbage", "not a readable PyTorch weights file (Unsupported operand"),
+        ("w.pt", None, "not a readable PyTorch weights file ("),
+        ("w.bin", b"", "not a readable PyTorch weights file (it ends before any data)"),
+        ("w.safetensors", b"garbage", "not a readable safetensors file"),
+        ("w.npz", b"", "ending in .safetensors, .pth, .pt, .bin, not '.npz'"),
+        ("w", b"", "not 'a name without a suffix'"),
+        ("gone.pth", "missing", "no such checkpoint file"),
+        ("epoch.pth", {"epoch": 3, "model": [1, 2]}, "holds no state dict (entries that are not"),
+    ],
+)
+def test_unreadable_weights_files_are_clear_errors(
+    tmp_path: Path, name: str, content, message: str
+) -> None:
+    spec, state = _source()
+    path = tmp_path / name
+    if content is None:  # a truncated torch.save file
+        torch.save(state, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif isinstance(content, dict):
+        torch.save(content, path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    with pytest.raises(SparsekitError) as info:
+        create_model(spec, checkpoint=path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+
+
+def test_a_weights_file_never_downloads(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+    import timm.models._builder as builder
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    for module, name in [
+        (builder, "load_pretrained"),
+        (builder, "load_state_dict_from_url"),
+        (builder, "load_state_dict_from_hf"),
+        (huggingface_hub, "hf_hub_download"),
+    ]:
+        monkeypatch.setattr(module, name, no_network)
+    spec, state = _source()
+    path = _save(state, tmp_path / "w.safetensors")
+    create_model(ModelSpec(TINY, {**SMALL, "num_classes": 3}), checkpoint=path)
+    with pytest.raises(UsageError, match="--pretrained and --checkpoint .* give one"):
+        create_model(spec, pretrained=True, checkpoint=path)
+
+
+def test_cli_apply_adapts_a_checkpoint_to_the_digits(tmp_path: Path) -> None:
+    """3-channel 32 px, patch 8, 10 classes -> the digits' 1-channel 8 px images, patch 4."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from sparsekit.cli.main import app
+
+    _, state = _source()
+    weights = _save(state, tmp_path / "w.pth", "model")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "from-weights",
+                "training": {"epochs": 1, "batch_size": 64, "schedule": {"warmup": 0}},
+                "phases": [{"kind": "dense_warmup", "end": 1}],
+            }
+        )
+    )
+    args = ["apply", str(recipe), "--model", TINY, "--model-arg", "depth=2", "--data", "digits"]
+    result = CliRunner().invoke(
+        app, [*args, "--checkpoint", str(weights), "--output", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(
+        app, [*args, "--checkpoint", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 1 and "no such checkpoint file" in result.output

@@ -255,3 +255,42 @@ def test_every_phase_kind_has_a_modifier() -> None:
     registered = {config.kind_name() for config in MODIFIERS}  # keyed by config class
     assert set(PHASE_KINDS) == union == registered and len(PHASES) == len(union)
     assert set(MODIFIERS) == set(PHASES)
+
+
+def test_linear_lr_scaling_follows_the_global_batch() -> None:
+    """DeiT's rule, kept by the SViTE code: lr x global batch / 512, peak only."""
+    base = {"name": "scaled", "training": {"batch_size": 1024, "optimizer": {"lr": 5e-4}}}
+    assert load_recipe(base).training.peak_lr == 5e-4  # lr_scaling: none is the default
+    scaled = load_recipe(base, ["training.optimizer.lr_scaling=linear"]).training
+    assert scaled.peak_lr == pytest.approx(1e-3)
+    assert scaled.describe_lr() == "lr 0.0005 x 1024 / 512 = 0.001 (lr_scaling: linear)"
+    assert scaled.schedule.warmup_lr == 1e-6  # not scaled, as in the reference
+    other = load_recipe(
+        base,
+        ["training.optimizer.lr_scaling=linear", "training.optimizer.lr_base_batch=256"],
+    )
+    assert other.training.peak_lr == pytest.approx(2e-3)
+    with pytest.raises(RecipeError, match=r"lr_scaling.*above 10"):
+        load_recipe(
+            base,
+            [
+                "training.optimizer.lr_scaling=linear",
+                "training.optimizer.lr=9",
+                "training.batch_size=4096",
+            ],
+        )
+
+
+def test_recipe_show_prints_the_scaled_learning_rate(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from sparsekit.cli.main import app
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: scaled\ntraining:\n  batch_size: 1024\n  optimizer: {lr_scaling: linear}\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(app, ["recipe", "show", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "lr 0.0005 x 1024 / 512 = 0.001" in result.output

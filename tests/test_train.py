@@ -94,7 +94,9 @@ def test_run_folder_contents(tmp_path: Path) -> None:
         "recipe.yaml",
         "run.json",
         "checkpoint.pt",
+        "checkpoint-best.pt",  # the epoch of the best validation accuracy
         "metrics.jsonl",
+        "metrics.csv",  # the epoch lines' scalars (no tensorboard/: --tensorboard not given)
         "summary.json",
     }
     assert load_recipe(out / "recipe.yaml") == load_recipe(dict(RECIPE))
@@ -483,3 +485,50 @@ def test_training_steps_read_the_device_only_at_logging_intervals(
     assert readers.count("all_finite") == (8 if mode == "skip" else 0)
     # The progress line reads the sums 3 times, the epoch's metrics and evaluation once each.
     assert readers.count("read") == 2 * (3 + 1 + 1)
+
+
+def test_an_image_folder_run_uses_the_recipes_data_section(tmp_path: Path) -> None:
+    """The trainer builds an image folder's transforms from the recipe's `data` section, the
+    rest from the model's pretrained config (ViT: bicubic, mean and std 0.5), and says so."""
+    data = image_folder(tmp_path / "images")
+    recipe = {**RECIPE, "data": {"auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25}}
+    path = tmp_path / "augmented.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(
+        app,
+        ["apply", str(path), "--model", "vit_tiny_patch16_224", "--model-arg", "depth=1",
+         "--data", str(data), "--img-size", "16", "--patch-size", "8", "--batch-size", "4",
+         "--output", str(tmp_path / "o")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())
+    assert (
+        "images: rand-m9-mstd0.5-inc1, bicubic, mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)" in line
+    )
+    saved = load_recipe(tmp_path / "o" / "recipe.yaml")
+    assert saved.data.auto_augment == "rand-m9-mstd0.5-inc1" and saved.data.reprob == 0.25
+
+
+def test_linear_lr_scaling_sets_the_peak_the_optimizer_reaches() -> None:
+    from helpers import tiny_vit
+
+    from sparsekit.timeline import Timeline
+    from sparsekit.train.trainer import make_optimizer, make_scheduler
+
+    recipe = load_recipe(
+        {
+            "name": "scaled",
+            "training": {
+                "epochs": 2,
+                "batch_size": 1024,
+                "optimizer": {"lr": 5e-4, "lr_scaling": "linear"},
+                "schedule": {"warmup": "2 steps", "warmup_lr": 0.0},
+            },
+        }
+    )
+    optimizer = make_optimizer(tiny_vit(), recipe.training)
+    scheduler = make_scheduler(optimizer, recipe.training, Timeline(2, 10))
+    for _ in range(2):  # to the end of the warm-up: the peak
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # 5e-4 x 1024 / 512

@@ -80,7 +80,10 @@ def apply(
     ] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights.")] = False,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Start from local weights (.safetensors).")
+        Path | None,
+        typer.Option(
+            help="Start from local weights (.safetensors, or a .pth/.pt/.bin state dict)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     workers: Annotated[int, typer.Option(min=0, help="Data loader worker processes.")] = 0,
@@ -96,6 +99,14 @@ def apply(
         int | None,
         typer.Option(min=1, help="Stop (checkpointed) after this epoch; continue with --resume."),
     ] = None,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard",
+            help="Also write TensorBoard event files to OUTPUT/tensorboard/ (needs the "
+            "tensorboard package: pip install 'sparsekit[tensorboard]').",
+        ),
+    ] = False,
 ) -> None:
     """Train MODEL under RECIPE: dense warm-up and sparse phases as the recipe declares."""
     from sparsekit.train.trainer import RunConfig, train
@@ -116,6 +127,7 @@ def apply(
         bad_images=bad_images,
         resume=resume,
         stop_after_epoch=stop_after_epoch,
+        tensorboard=tensorboard,
         extra=parse_model_args(model_arg),
     )
     train(loaded, run, Console())

@@ -26,17 +26,27 @@ def export(
         Path | None,
         typer.Option("--output", "-o", help="Export folder [default: RUN_DIR/export]."),
     ] = None,
+    best: Annotated[
+        bool,
+        typer.Option(
+            "--best",
+            help="Export checkpoint-best.pt (the epoch with the best validation accuracy) "
+            "instead of the last checkpoint.",
+        ),
+    ] = False,
 ) -> None:
-    """Export a run's last checkpoint: OUT/model.safetensors, config.json and recipe.yaml."""
+    """Export a run's last (or --best) checkpoint: OUT/model.safetensors, config.json and
+    recipe.yaml."""
     from sparsekit.analysis.cost import model_cost
     from sparsekit.export import export_run, load_compact
 
     out = output or run_dir / "export"
-    manifest = export_run(run_dir, out, compact=compact)
+    manifest = export_run(run_dir, out, compact=compact, best=best)
     cost = model_cost(load_compact(out))
     heads = sum(b.heads for b in manifest.blocks)
     Console().print(
-        f"wrote {out}/model.safetensors ({'compact' if compact else 'masked, full size'}): "
+        f"wrote {out}/model.safetensors ({'compact' if compact else 'masked, full size'}"
+        f"{', best checkpoint' if best else ''}): "
         f"{heads} heads in {len(manifest.blocks)} blocks, {cost.params:,} parameters "
         f"({cost.nonzero_params:,} non-zero), {cost.flops / 1e9:.3f} GFLOPs per image. "
         f"Load it with sparsekit.load_compact({str(out)!r}); `sparsekit inspect {out}` shows "

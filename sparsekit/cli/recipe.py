@@ -73,7 +73,7 @@ def show(
     console.print(
         f"[bold]{recipe.name}[/]: {recipe.description.strip()}\n{t.epochs} epochs x "
         f"{timeline.steps_per_epoch:,} steps (batch {t.batch_size}, {dataset_size:,} images) = "
-        f"{timeline.total_steps:,} steps; {t.optimizer.name} lr {t.optimizer.lr:g}"
+        f"{timeline.total_steps:,} steps; {t.optimizer.name} {t.describe_lr()}"
     )
     console.print(phase_table(recipe, timeline))
     for note in cadence_notes(recipe, timeline):

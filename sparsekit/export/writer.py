@@ -161,9 +161,12 @@ def _replace(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_run(run_dir: str | Path, out: str | Path, compact: bool = True) -> Manifest:
-    """Export the last checkpoint of a `sparsekit apply` run folder."""
-    run = open_run(Path(run_dir))
+def export_run(
+    run_dir: str | Path, out: str | Path, compact: bool = True, best: bool = False
+) -> Manifest:
+    """Export the last checkpoint of a `sparsekit apply` run folder, or with `best` its
+    checkpoint-best.pt (the epoch of the best validation accuracy)."""
+    run = open_run(Path(run_dir), best=best)
     return export_model(
         run.spec,
         run.weights,

@@ -12,6 +12,7 @@ from sparsekit.recipe.schema import Recipe
 from sparsekit.recipe.span import Span
 
 Problem = tuple[tuple[str | int, ...], str]
+MAX_LR = 10.0  # the bound of training.optimizer.lr, which the scaled rate keeps too
 
 
 def check_recipe(recipe: Recipe) -> list[Problem]:
@@ -122,13 +123,23 @@ def _check_overlaps(recipe: Recipe) -> list[Problem]:
 
 
 def _check_schedule(recipe: Recipe) -> list[Problem]:
-    warmup = recipe.training.schedule.warmup.in_epochs(recipe.training.epochs)
-    if warmup is not None and warmup > recipe.training.epochs:
-        return [
+    problems: list[Problem] = []
+    training = recipe.training
+    warmup = training.schedule.warmup.in_epochs(training.epochs)
+    if warmup is not None and warmup > training.epochs:
+        problems.append(
             (
                 ("training", "schedule", "warmup"),
-                f"warm-up ({recipe.training.schedule.warmup}) is longer than the run "
-                f"({recipe.training.epochs} epochs)",
+                f"warm-up ({training.schedule.warmup}) is longer than the run "
+                f"({training.epochs} epochs)",
             )
-        ]
-    return []
+        )
+    if training.peak_lr > MAX_LR:
+        problems.append(
+            (
+                ("training", "optimizer", "lr_scaling"),
+                f"the scaled learning rate {training.describe_lr()} is above {MAX_LR:g}; "
+                "lower lr, or raise lr_base_batch",
+            )
+        )
+    return problems

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from sparsekit.recipe.cadence import FractionDecay
+from sparsekit.recipe.data import Data
 from sparsekit.recipe.phases import (
     PHASE_KINDS,
     PHASES,
@@ -38,6 +39,7 @@ __all__ = [
     "HeadPruneGrowPhase",
     "MagnitudePrunePhase",
     "Optimizer",
+    "Data",
     "Phase",
     "PhaseConfig",
     "Recipe",
@@ -56,13 +58,31 @@ class Optimizer(Strict):
     """The optimizer: AdamW (the DeiT/SViTE default) or SGD with momentum."""
 
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(5e-4, gt=0, le=10, description="Peak learning rate, reached after warm-up.")
+    lr: float = Field(
+        5e-4,
+        gt=0,
+        le=10,
+        description="Peak learning rate, reached after warm-up (scaled first with "
+        "lr_scaling: linear).",
+    )
     weight_decay: float = Field(0.05, ge=0, le=1)
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
         (0.9, 0.999), description="AdamW betas, each in [0, 1)."
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     nesterov: bool = False
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none",
+        description="linear: the peak learning rate is lr x training.batch_size / "
+        "lr_base_batch, DeiT's rule that the SViTE code keeps (lr 5e-4 at a global batch of "
+        "512); none: lr as given.",
+    )
+    lr_base_batch: int = Field(
+        512,
+        gt=0,
+        le=1_000_000,
+        description="With lr_scaling: linear, the global batch at which lr applies unscaled.",
+    )
 
 
 class Schedule(Strict):
@@ -98,6 +118,27 @@ class Training(Strict):
         "(cheaper, same result); masked: full-size steps with masks.",
     )
 
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate reached after warm-up: `optimizer.lr`, times the global batch over
+        `optimizer.lr_base_batch` with `lr_scaling: linear` (the reference's
+        `args.lr * args.batch_size * world_size / 512.0`, SViTE main.py; warmup_lr and min_lr
+        are not scaled, as there)."""
+        opt = self.optimizer
+        if opt.lr_scaling == "linear":
+            return opt.lr * self.batch_size / opt.lr_base_batch
+        return opt.lr
+
+    def describe_lr(self) -> str:
+        """The peak learning rate as `recipe show` prints it, with the scaling spelled out."""
+        opt = self.optimizer
+        if opt.lr_scaling == "linear":
+            return (
+                f"lr {opt.lr:g} x {self.batch_size} / {opt.lr_base_batch} = {self.peak_lr:g} "
+                "(lr_scaling: linear)"
+            )
+        return f"lr {opt.lr:g}"
+
 
 class Recipe(Strict):
     """A sparse training recipe."""
@@ -106,4 +147,5 @@ class Recipe(Strict):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str = ""
     training: Training = Training()
+    data: Data = Field(Data(), description="Augmentation and normalisation of image folders.")
     phases: list[Phase] = Field([], description="What is sparse when; empty trains dense.")

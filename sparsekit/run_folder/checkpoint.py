@@ -1,4 +1,6 @@
-"""The run's checkpoint: everything needed to continue bit-for-bit, written atomically.
+"""The run's checkpoint: everything needed to continue bit-for-bit, written atomically; and
+`checkpoint-best.pt`, a copy of the checkpoint of the epoch with the best validation accuracy
+so far (the same bytes: the same format and hash).
 
 Stored with `torch.save` but read back with `weights_only=True`, so loading a checkpoint can
 never run code: it holds only tensors, numbers, strings, lists, tuples and dicts.
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,8 @@ import torch
 from sparsekit.atomic import atomic_path
 from sparsekit.errors import SparsekitError
 from sparsekit.hashing import recipe_sha256, tensor_bytes, tensors_sha256
-from sparsekit.run_folder.layout import CHECKPOINT_FILE, RECIPE_FILE
+from sparsekit.run_folder.layout import BEST_CHECKPOINT_FILE, CHECKPOINT_FILE, RECIPE_FILE
+from sparsekit.run_folder.records import best_epoch, read_metrics
 
 FORMAT = 1
 # What every checkpoint holds, and the type each piece must have to be used.
@@ -98,9 +103,41 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """
     payload = {"format": FORMAT, **payload}
     payload["sha256"] = payload_sha256(payload)  # detects a checkpoint changed after writing
+    _write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def keep_as_best(folder: Path) -> None:
+    """Copy the folder's checkpoint.pt to checkpoint-best.pt (atomically: a crash leaves the
+    previous best whole). The same bytes, so the same format, hash and recipe hash.
+
+    Raises:
+        SparsekitError: the copy cannot be written (see `save_checkpoint`).
+    """
+    _write_atomic(
+        folder / BEST_CHECKPOINT_FILE,
+        lambda tmp: shutil.copyfile(folder / CHECKPOINT_FILE, tmp),
+    )
+
+
+def recover_best(folder: Path, epoch: int) -> tuple[int, float] | None:
+    """On `--resume` from the checkpoint of `epoch`: the best epoch so far and its validation
+    accuracy, read from metrics.jsonl (None before any). When the checkpoint's own epoch is the
+    best, it is copied to checkpoint-best.pt again: a crash may have come between writing the
+    checkpoint and its copy. An earlier best epoch was copied before the next epoch started.
+
+    Raises:
+        SparsekitError: metrics.jsonl is damaged, or the copy cannot be written.
+    """
+    best = best_epoch([r for r in read_metrics(folder) if r.get("epoch", 0) <= epoch])
+    if best is not None and best[0] == epoch:
+        keep_as_best(folder)
+    return best
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     try:
         with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+            write(tmp)
     except (OSError, RuntimeError) as err:
         raise SparsekitError(
             f"could not write the checkpoint {path} ({err}); the previous checkpoint, if any, "
@@ -174,21 +211,24 @@ def _hash_matches(payload: dict[str, Any]) -> bool:
     return True  # the earliest checkpoints carry no hash
 
 
-def read_checkpoint(folder: Path, recipe_yaml: str) -> dict[str, Any]:
-    """The run folder's checkpoint, complete and trained under `recipe_yaml` (the text of
-    the folder's recipe.yaml), for resuming or exporting from.
+def read_checkpoint(folder: Path, recipe_yaml: str, name: str = CHECKPOINT_FILE) -> dict[str, Any]:
+    """The run folder's checkpoint (`name`: checkpoint.pt, or checkpoint-best.pt), complete and
+    trained under `recipe_yaml` (the text of the folder's recipe.yaml), for resuming or
+    exporting from.
 
     Raises:
         SparsekitError: see `load_checkpoint` and `require_complete`; also a recipe.yaml edited
             after the checkpoint was written.
     """
-    path = folder / CHECKPOINT_FILE
+    path = folder / name
     payload = require_complete(load_checkpoint(path), path)
-    check_recipe_hash(folder, recipe_yaml, payload)
+    check_recipe_hash(folder, recipe_yaml, payload, name)
     return payload
 
 
-def check_recipe_hash(folder: Path, recipe_yaml: str, ckpt: dict[str, Any]) -> None:
+def check_recipe_hash(
+    folder: Path, recipe_yaml: str, ckpt: dict[str, Any], name: str = CHECKPOINT_FILE
+) -> None:
     """Refuse a recipe.yaml that is not the one the checkpoint was trained under.
 
     Checkpoints written before the hash was recorded carry none and are not checked."""
@@ -199,7 +239,7 @@ def check_recipe_hash(folder: Path, recipe_yaml: str, ckpt: dict[str, Any]) -> N
     if now != recorded:
         raise SparsekitError(
             f"{folder}/{RECIPE_FILE} (sha256 {now[:12]}) is not the recipe "
-            f"{folder}/{CHECKPOINT_FILE} was trained under (sha256 {str(recorded)[:12]}): it was "
+            f"{folder}/{name} was trained under (sha256 {str(recorded)[:12]}): it was "
             "edited after training. Restore the recipe the run was trained under, or train the "
             "edited recipe in a new --output folder."
         )

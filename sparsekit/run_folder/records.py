@@ -1,14 +1,19 @@
-"""The run folder's text files: `recipe.yaml`, `run.json`, `metrics.jsonl` and `summary.json`.
+"""The run folder's text files: `recipe.yaml`, `run.json`, `metrics.jsonl`, `metrics.csv` and
+`summary.json`.
 
 Written atomically (metrics.jsonl is appended to, one epoch at a time, and cut back on
-`--resume`). Run folders are files a user can edit, copy half of, or damage; every reader here
-checks what it reads and names the file and the field that is wrong, instead of failing deep
-inside a command with a KeyError.
+`--resume`; metrics.csv is rewritten whole from metrics.jsonl each time that changes, so the
+two never disagree). Run folders are files a user can edit, copy half of, or damage; every
+reader here checks what it reads and names the file and the field that is wrong, instead of
+failing deep inside a command with a KeyError.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,10 +23,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sparsekit.atomic import write_text_atomic
 from sparsekit.errors import SparsekitError
 from sparsekit.models import ModelSpec
-from sparsekit.run_folder.layout import METRICS_FILE, RECIPE_FILE, RUN_FILE, SUMMARY_FILE
+from sparsekit.run_folder.layout import (
+    METRICS_CSV_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+)
 
 MAX_RECORD_FILE = 256 << 20  # metrics.jsonl of a 600-epoch run is a few MB
 MAX_HEADS = 4096  # head indices in a log line; the report draws a row per head
+# metrics.csv's columns: the scalars of an epoch line (per-layer sparsity stays in metrics.jsonl).
+CSV_COLUMNS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "sparsity",
+    "train_time_s",
+    "time_s",
+)
 
 
 class _ModelRecord(BaseModel):
@@ -111,8 +135,23 @@ def read_run_json(folder: Path) -> RunJson:
 
 
 def write_metrics(folder: Path, records: list[dict[str, Any]]) -> None:
-    """Replace `metrics.jsonl` with `records` (none, when a run starts)."""
+    """Replace `metrics.jsonl` with `records` (none, when a run starts), and metrics.csv with
+    their epoch lines."""
     write_text_atomic(folder / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    write_metrics_csv(folder, records)
+
+
+def write_metrics_csv(folder: Path, records: list[dict[str, Any]]) -> None:
+    """Replace `metrics.csv` with one row per epoch line of `records`: the `CSV_COLUMNS`, a
+    field the line lacks left empty. Floats are written as Python prints them (`repr`), so
+    each cell reads back as the very number metrics.jsonl holds (`nan` for a NaN)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for record in records:
+        if record.get("event") == "epoch":
+            writer.writerow([record.get(column) for column in CSV_COLUMNS])
+    write_text_atomic(folder / METRICS_CSV_FILE, text.getvalue())
 
 
 def append_metrics(folder: Path, records: list[dict[str, Any]]) -> None:
@@ -132,6 +171,7 @@ def append_metrics(folder: Path, records: list[dict[str, Any]]) -> None:
             "of the previous epoch is intact. Free disk space (or fix the folder) and continue "
             "with --resume."
         ) from None
+    write_metrics_csv(folder, read_metrics(folder))
 
 
 def keep_metrics_through(folder: Path, epoch: int) -> None:
@@ -172,6 +212,23 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
             raise _damaged(path, err) from None
         records.append(record)
     return records
+
+
+def best_epoch(records: list[dict[str, Any]]) -> tuple[int, float] | None:
+    """The epoch whose validation accuracy is higher than every earlier epoch's and not
+    beaten later (the first of equals), and that accuracy; None before any epoch (or when
+    every accuracy is NaN). The trainer keeps that epoch's checkpoint as checkpoint-best.pt."""
+    best: tuple[int, float] | None = None
+    for record in records:
+        if record.get("event") == "epoch" and is_better(record["val_acc"], best):
+            best = (record["epoch"], record["val_acc"])
+    return best
+
+
+def is_better(val_acc: float, best: tuple[int, float] | None) -> bool:
+    """Whether an epoch's validation accuracy beats the best so far (strictly: a tie keeps the
+    earlier epoch; a NaN never beats anything)."""
+    return not math.isnan(val_acc) and (best is None or val_acc > best[1])
 
 
 def write_summary(folder: Path, summary: dict[str, Any]) -> None:

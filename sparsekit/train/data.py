@@ -6,6 +6,7 @@ download), split train/val with a fixed seed; it makes a full run take minutes o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,13 +51,18 @@ class TensorImages(Dataset):
 
 
 def build_data(
-    source: str, img_size: int | None = None, seed: int = 0, bad_images: str = "refuse"
+    source: str,
+    img_size: int | None = None,
+    seed: int = 0,
+    bad_images: str = "refuse",
+    transforms: Callable[[int], tuple[Callable, Callable]] | None = None,
 ) -> DataBundle:
     """`digits`, `synthetic`, or a folder holding `train/` and `val/` ImageFolder trees.
 
     `bad_images` (folders only): `refuse` stops at the first unreadable image, naming it;
     `skip` checks every image once, up front, and leaves the unreadable ones out (listed in
-    `DataBundle.skipped`).
+    `DataBundle.skipped`). `transforms` (folders only): given the image size, the train and
+    eval transforms (default: timm's defaults).
     """
     if source == "digits":
         return _digits(img_size or 8, seed)
@@ -70,7 +76,8 @@ def build_data(
         return _synthetic(img_size or 32, seed)
     from sparsekit.train.image_folder import image_folder
 
-    return image_folder(Path(source), img_size or 224, bad_images)
+    size = img_size or 224
+    return image_folder(Path(source), size, bad_images, transforms(size) if transforms else None)
 
 
 def _digits(img_size: int, seed: int) -> DataBundle:

@@ -17,7 +17,14 @@ from sparsekit.errors import DataError, SparsekitError
 from sparsekit.train.data_bundle import DataBundle
 
 
-def image_folder(root: Path, img_size: int, bad_images: str = "refuse") -> DataBundle:
+def image_folder(
+    root: Path,
+    img_size: int,
+    bad_images: str = "refuse",
+    transforms: tuple[Callable, Callable] | None = None,
+) -> DataBundle:
+    """The ImageFolder splits of `root`, through `transforms` (train, eval; default: timm's
+    defaults at `img_size`; the trainer passes `train.transforms.folder_transforms`)."""
     from timm.data import create_transform
 
     missing = [part for part in ("train", "val") if not (root / part).is_dir()]
@@ -36,8 +43,12 @@ def image_folder(root: Path, img_size: int, bad_images: str = "refuse") -> DataB
         )
     folder = _folder_class()
     try:
-        train = folder(str(root / "train"), "train", create_transform(img_size, is_training=True))
-        val = folder(str(root / "val"), "val", create_transform(img_size, is_training=False))
+        train_tf, val_tf = transforms or (
+            create_transform(img_size, is_training=True),
+            create_transform(img_size, is_training=False),
+        )
+        train = folder(str(root / "train"), "train", train_tf)
+        val = folder(str(root / "val"), "val", val_tf)
     except (FileNotFoundError, OSError) as err:
         raise SparsekitError(f"--data {root}: {err}") from None
     links = train.skipped_links + val.skipped_links

@@ -2,8 +2,9 @@
 
 Read it top to bottom: `train` claims the run folder; `build_run` makes everything a run is
 made of; each epoch, `train_epoch` runs `train_step` over the loader, then `epoch_metrics`
-evaluates and `save_epoch` checkpoints; `finish` writes the summary. The run folder's files are
-written and read through `sparsekit.run_folder`.
+evaluates and `save_epoch` logs and checkpoints it (keeping the best epoch's checkpoint too);
+`finish` writes the summary. The run folder's files are written and read through
+`sparsekit.run_folder`; `--tensorboard` adds event files (`train/tensorboard_log.py`).
 
 The loss and accuracy sums stay on the device while an epoch trains: the device is read (one
 CPU-GPU synchronisation) every LOG_EVERY steps for the progress bar, and at the end of each
@@ -17,7 +18,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,19 @@ from sparsekit.recipe.schema import Recipe, Training
 from sparsekit.run_folder.checkpoint import (
     STATE_MISMATCH,
     capture_rng,
+    keep_as_best,
     read_checkpoint,
+    recover_best,
     restore_rng,
     save_checkpoint,
 )
 from sparsekit.run_folder.claim import claim_run_folder
-from sparsekit.run_folder.layout import CHECKPOINT_FILE, RECIPE_FILE
+from sparsekit.run_folder.layout import CHECKPOINT_FILE, RECIPE_FILE, TENSORBOARD_DIR
 from sparsekit.run_folder.records import (
     append_metrics,
+    is_better,
     keep_metrics_through,
+    read_metrics,
     read_recipe_yaml,
     read_run_json,
     start_records,
@@ -73,6 +78,8 @@ from sparsekit.train.distributed import (
 )
 from sparsekit.train.nonfinite import NonFiniteLosses
 from sparsekit.train.summary import summarize, summary_table
+from sparsekit.train.tensorboard_log import TensorBoardLog, require_tensorboard
+from sparsekit.train.transforms import folder_transforms
 
 LOG_EVERY = 20  # steps between reads of the device (progress bar, non-finite check)
 MAX_WORKERS = 256  # data loader processes; more is a typo, and each one is a process
@@ -94,6 +101,7 @@ class RunConfig:
     resume: bool = False
     stop_after_epoch: int | None = None
     bad_images: str = "refuse"  # image folders: refuse or skip unreadable images
+    tensorboard: bool = False  # also write TensorBoard event files (RUN/tensorboard/)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -121,6 +129,7 @@ class Run:
     criterion: nn.Module
     session: Session
     amp_dtype: torch.dtype | None
+    best: tuple[int, float] | None = None  # (epoch, val_acc) of checkpoint-best.pt, once saved
 
     @property
     def training(self) -> Training:
@@ -133,6 +142,8 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
     out = run.output or Path("runs") / f"{recipe.name}-{run.model}"
     _check_run_options(run)
     _check_output(out, run.resume)
+    if run.tensorboard:
+        require_tensorboard()
     with claim_run_folder(out) if launched_as_main() else contextlib.nullcontext():
         return _train(recipe, run, out, console or Console(stderr=True))
 
@@ -148,7 +159,7 @@ def _train(recipe: Recipe, config: RunConfig, out: Path, console: Console) -> di
     losses = NonFiniteLosses(recipe.training.nonfinite_loss, device)
 
     started = time.perf_counter() - elapsed
-    with _progress(console) as progress:
+    with open_board(run) as board, _progress(console) as progress:
         for epoch in range(start_epoch, last_epoch):
             sums, train_time = train_epoch(run, epoch, losses, progress)
             run.session.epoch_end()
@@ -157,7 +168,7 @@ def _train(recipe: Recipe, config: RunConfig, out: Path, console: Console) -> di
                 f"epoch {epoch + 1}/{epochs}  train loss {metrics['train_loss']:.3f}  "
                 f"val acc {metrics['val_acc']:.4f}  sparsity {metrics['sparsity']:.4f}"
             )
-            save_epoch(run, metrics)
+            save_epoch(run, metrics, board)
 
     if last_epoch < epochs:
         console.print(f"stopped after epoch {last_epoch} of {epochs}; continue with --resume.")
@@ -181,10 +192,21 @@ def build_run(
     precision, in the order that draws the same random numbers in every run."""
     cfg = recipe.training
     torch.manual_seed(cfg.seed)
-    data = build_data(config.data, config.img_size, seed=cfg.seed, bad_images=config.bad_images)
+    data = build_data(
+        config.data,
+        config.img_size,
+        seed=cfg.seed,
+        bad_images=config.bad_images,
+        transforms=lambda size: _folder_transforms(recipe, config.model, size, console),
+    )
     _say_what_was_skipped(data, console)
     spec = model_spec(config, data, cfg.drop_path)
-    model = create_model(spec, config.pretrained, config.checkpoint).to(device)
+    model = create_model(
+        spec,
+        config.pretrained,
+        config.checkpoint,
+        note=lambda line: console.print(f"note: {line}", highlight=False),
+    ).to(device)
     GlobalBatchNoise(model)  # drop-path and dropout noise: any number of processes draws alike
     sampler_gen = torch.Generator()
     loader, val_loader = make_loaders(
@@ -332,9 +354,11 @@ def epoch_metrics(
     }
 
 
-def save_epoch(run: Run, metrics: dict[str, Any]) -> None:
+def save_epoch(run: Run, metrics: dict[str, Any], board: TensorBoardLog) -> None:
     """Log the epoch's events and metrics, then checkpoint it (metrics first: resume drops the
-    lines past the checkpoint)."""
+    lines past the checkpoint), copy the checkpoint to checkpoint-best.pt when its validation
+    accuracy beats every earlier epoch's, and last give the lines to TensorBoard (after the
+    checkpoint: its files never hold a point a resume would redo)."""
     session = run.session
     records = [
         *({"epoch": metrics["epoch"], **e} for e in session.events),
@@ -353,9 +377,25 @@ def save_epoch(run: Run, metrics: dict[str, Any]) -> None:
         "elapsed_s": metrics["time_s"],
         "recipe_sha256": recipe_sha256(run.recipe_yaml),  # recipe.yaml's text: export checks it
     }
+    best = is_better(metrics["val_acc"], run.best)
+    if best:
+        run.best = (metrics["epoch"], metrics["val_acc"])
     if run.ranks.main:
         append_metrics(run.out, records)
         save_checkpoint(run.out / CHECKPOINT_FILE, checkpoint)
+        if best:
+            keep_as_best(run.out)
+        board.log(records)
+
+
+def open_board(run: Run) -> TensorBoardLog:
+    """The run's TensorBoard log, written by rank 0 with --tensorboard; a resumed run's starts
+    again at its checkpoint's step."""
+    if not (run.config.tensorboard and run.ranks.main):
+        return TensorBoardLog(None)
+    if not run.config.resume:
+        return TensorBoardLog(run.out / TENSORBOARD_DIR)
+    return TensorBoardLog(run.out / TENSORBOARD_DIR, run.session.step, read_metrics(run.out))
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -418,6 +458,7 @@ def resume(run: Run) -> tuple[int, float]:
         )
     if run.ranks.main:  # every rank loads the checkpoint; only rank 0 rewrites the log
         keep_metrics_through(out, epoch)
+        run.best = recover_best(out, epoch)
     return epoch, float(ckpt.get("elapsed_s", 0.0))
 
 
@@ -512,7 +553,7 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to `min_lr`, stepped once per optimizer step."""
     warmup = timeline.steps(cfg.schedule.warmup)
-    base_lr = cfg.optimizer.lr
+    base_lr = cfg.peak_lr
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: (
@@ -527,6 +568,22 @@ def make_scheduler(
             / base_lr
         ),
     )
+
+
+def _folder_transforms(
+    recipe: Recipe, model: str, size: int, console: Console
+) -> tuple[Callable, Callable]:
+    """An image folder's transforms (the recipe's `data` section, the rest from the model's
+    pretrained config), said in one line."""
+    train_tf, val_tf, settings = folder_transforms(recipe.data, resolve_model_name(model), size)
+    augment = recipe.data.auto_augment or f"colour jitter {recipe.data.color_jitter:g}"
+    console.print(
+        f"images: {augment}, {settings['interpolation']}, mean "
+        f"{tuple(round(m, 3) for m in settings['mean'])}, std "
+        f"{tuple(round(s, 3) for s in settings['std'])}, eval crop {settings['crop_pct']:g}",
+        highlight=False,
+    )
+    return train_tf, val_tf
 
 
 def _say_what_was_skipped(data: DataBundle, console: Console) -> None:
@@ -676,15 +733,15 @@ def make_optimizer(model: nn.Module, cfg: Training) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": cfg.optimizer.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    opt = cfg.optimizer
+    opt, lr = cfg.optimizer, cfg.peak_lr
     if opt.name == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov)
     # The fused kernel is several times faster, and on a CPU the default one slows down badly
     # on the exact zeros that sparse training leaves in exp_avg_sq (its sqrt takes a slow path).
     try:
-        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=opt.betas, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas)
+        return torch.optim.AdamW(groups, lr=lr, betas=opt.betas)
 
 
 def _progress(console: Console) -> Progress:

@@ -1,0 +1,62 @@
+"""The transforms of image-folder data, built by timm from the recipe's `data` section, with
+what it leaves unset taken from the model's own pretrained config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sparsekit.errors import UsageError
+from sparsekit.recipe.data import Data
+
+
+def folder_transforms(
+    data: Data, model: str, img_size: int
+) -> tuple[Callable, Callable, dict[str, Any]]:
+    """(train transform, eval transform, the resolved settings) for timm model `model`.
+
+    Raises:
+        UsageError: an `auto_augment` policy timm cannot parse.
+    """
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    pretrained = get_pretrained_cfg(model)
+    own = resolve_data_config({}, pretrained_cfg=pretrained.to_dict() if pretrained else None)
+    settings = {
+        "interpolation": data.interpolation or own["interpolation"],
+        "mean": tuple(data.mean or own["mean"]),
+        "std": tuple(data.std or own["std"]),
+        "crop_pct": data.crop_pct or own["crop_pct"],
+    }
+    try:
+        train = create_transform(
+            img_size,
+            is_training=True,
+            auto_augment=data.auto_augment,
+            color_jitter=data.color_jitter,
+            hflip=data.hflip,
+            interpolation=settings["interpolation"],
+            mean=settings["mean"],
+            std=settings["std"],
+            re_prob=data.reprob,
+            re_mode=data.remode,
+            re_count=data.recount,
+        )
+    except (AssertionError, KeyError, ValueError, IndexError) as err:
+        raise UsageError(
+            f"data.auto_augment {data.auto_augment!r}: timm cannot read this policy ({err!r}). "
+            "Write it as timm does, e.g. rand-m9-mstd0.5-inc1 (RandAugment, magnitude 9), "
+            "augmix-m5-w4-d2, or original; or set it to null."
+        ) from None
+    # Evaluation resizes one way: "random" (a training-time choice) evaluates bicubic, as DeiT.
+    eval_interpolation = "bicubic" if settings["interpolation"] == "random" else None
+    val = create_transform(
+        img_size,
+        is_training=False,
+        interpolation=eval_interpolation or settings["interpolation"],
+        mean=settings["mean"],
+        std=settings["std"],
+        crop_pct=settings["crop_pct"],
+    )
+    return train, val, settings
