@@ -532,3 +532,48 @@ def test_linear_lr_scaling_sets_the_peak_the_optimizer_reaches() -> None:
         optimizer.step()
         scheduler.step()
     assert scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # 5e-4 x 1024 / 512
+
+
+def test_accumulated_steps_train_as_whole_batches(tmp_path: Path) -> None:
+    """`training.accumulate` splits each step's batch into micro-batches; with no random layers
+    the optimizer steps, the prune/grow decisions and the logged sums are those of whole
+    batches (to float rounding), and the step count is the same."""
+    results = {}
+    for parts in (1, 4):
+        recipe = load_recipe(
+            {**RECIPE, "training": {**RECIPE["training"], "drop_path": 0.0, "epochs": 2}},
+            [f"training.accumulate={parts}"],
+        )
+        run = RunConfig(
+            model="vit_tiny_patch16_224", data="synthetic", img_size=16, patch_size=8,
+            output=tmp_path / f"acc{parts}", device="cpu",
+            extra={"depth": 2, "embed_dim": 48, "num_heads": 3},
+        )  # fmt: skip
+        train(recipe, run)
+        records = [
+            json.loads(line) for line in (run.output / "metrics.jsonl").read_text().splitlines()
+        ]
+        weights = load_checkpoint(run.output / "checkpoint.pt")["model"]
+        results[parts] = (records, weights)
+    (whole, whole_w), (split, split_w) = results[1], results[4]
+    epochs = [r for r in whole if r["event"] == "epoch"]
+    split_epochs = [r for r in split if r["event"] == "epoch"]
+    assert [r["step"] for r in epochs] == [r["step"] for r in split_epochs]
+    for a, b in zip(epochs, split_epochs, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["train_acc"] == a["train_acc"] and b["val_acc"] == a["val_acc"]
+    updates = [(r["step"], r.get("regrown")) for r in whole if r["event"] == "mask_update"]
+    assert updates and updates == [
+        (r["step"], r.get("regrown")) for r in split if r["event"] == "mask_update"
+    ]
+    for name, tensor in whole_w.items():
+        torch.testing.assert_close(split_w[name], tensor, rtol=1e-3, atol=1e-4)  # Adam: ~1e-5
+
+
+def test_accumulate_is_checked_against_the_batch_and_skip() -> None:
+    from sparsekit.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="micro-batch holds at least one image"):
+        load_recipe(RECIPE, ["training.accumulate=64"])
+    with pytest.raises(RecipeError, match="nonfinite_loss: skip decides before the backward"):
+        load_recipe(RECIPE, ["training.accumulate=2", "training.nonfinite_loss=skip"])

@@ -134,6 +134,22 @@ def _check_schedule(recipe: Recipe) -> list[Problem]:
                 f"({training.epochs} epochs)",
             )
         )
+    if training.accumulate > training.batch_size:
+        problems.append(
+            (
+                ("training", "accumulate"),
+                f"accumulate is {training.accumulate} but batch_size is {training.batch_size}: "
+                "a micro-batch holds at least one image; lower accumulate",
+            )
+        )
+    if training.accumulate > 1 and training.nonfinite_loss == "skip":
+        problems.append(
+            (
+                ("training", "accumulate"),
+                "nonfinite_loss: skip decides before the backward pass, which accumulate splits "
+                "into parts; use nonfinite_loss: stop with accumulate, or accumulate: 1",
+            )
+        )
     if training.peak_lr > MAX_LR:
         problems.append(
             (

@@ -117,6 +117,13 @@ class Training(Strict):
         description="active: between updates, train only the kept heads, neurons and tokens "
         "(cheaper, same result); masked: full-size steps with masks.",
     )
+    accumulate: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Micro-batches per optimizer step: each process's share of batch_size "
+        "runs forward and backward in this many parts (less memory, the same optimizer step).",
+    )
 
     @property
     def peak_lr(self) -> float:

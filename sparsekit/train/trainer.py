@@ -289,22 +289,18 @@ def train_step(
     labels = labels.to(run.device, non_blocking=True)
     session, optimizer, scaler = run.session, run.optimizer, run.scaler
     session.batch_start()
-    try:
-        with torch.autocast(
-            run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None
-        ):
+    if run.training.accumulate > 1:
+        loss = accumulate_gradients(run, images, labels, sums)
+        losses.skips(loss, session.step, epoch)  # `stop` only (the recipe checks): never skips
+    else:
+        with _out_of_memory_said(run, len(labels)), _autocast(run):
             logits = run.trained(images)
             loss = run.criterion(logits, labels)
-    except torch.cuda.OutOfMemoryError:
-        raise SparsekitError(
-            f"a batch of {len(labels)} images per process does not fit in the memory "
-            f"of {run.device}; give a smaller global batch (e.g. --batch-size "
-            f"{max(1, run.training.batch_size // 2)}) or a smaller --img-size."
-        ) from None
-    if losses.skips(loss, session.step, epoch):
-        skip_step(run)
-        return
-    scaler.scale(loss).backward()
+        if losses.skips(loss, session.step, epoch):
+            skip_step(run)
+            return
+        scaler.scale(loss).backward()
+        sums.add(loss.detach().double() * len(labels), logits, labels)
     scaler.unscale_(optimizer)
     session.before_optimizer_step()
     if run.training.grad_clip:
@@ -314,7 +310,49 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     session.after_optimizer_step()
     run.scheduler.step()
-    sums.add(loss.detach().double() * len(labels), logits, labels)
+
+
+def accumulate_gradients(
+    run: Run, images: torch.Tensor, labels: torch.Tensor, sums: DeviceSums
+) -> torch.Tensor:
+    """Forward and backward of this process's batch in `training.accumulate` micro-batches,
+    each loss weighted by its share of the batch, so the summed gradient is the whole batch's;
+    DDP all-reduces once, after the last. Returns the batch's loss (on the device)."""
+    count = run.training.accumulate
+    parts = list(zip(images.chunk(count), labels.chunk(count), strict=True))
+    total = torch.zeros((), device=run.device)
+    for index, (x, y) in enumerate(parts):
+        last = index == len(parts) - 1
+        sync = (
+            contextlib.nullcontext() if last or run.trained is run.model else run.trained.no_sync()
+        )
+        with sync, _out_of_memory_said(run, len(x)):
+            with _autocast(run):
+                logits = run.trained(x)
+                loss = run.criterion(logits, y) * (len(y) / len(labels))
+            run.scaler.scale(loss).backward()
+        total = total + loss.detach().float()
+        sums.add(loss.detach().double() * len(labels), logits, y)
+    return total
+
+
+def _autocast(run: Run) -> contextlib.AbstractContextManager:
+    return torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None)
+
+
+@contextlib.contextmanager
+def _out_of_memory_said(run: Run, images: int) -> Iterator[None]:
+    """A forward or backward that does not fit in the device's memory stops the run with what
+    to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        smaller = max(1, run.training.batch_size // 2)
+        raise SparsekitError(
+            f"a batch of {images} images per process does not fit in the memory of "
+            f"{run.device}; give a smaller global batch (e.g. --batch-size {smaller}), a "
+            "smaller --img-size, or split each step with training.accumulate."
+        ) from None
 
 
 def skip_step(run: Run) -> None:
