@@ -577,3 +577,53 @@ def test_accumulate_is_checked_against_the_batch_and_skip() -> None:
         load_recipe(RECIPE, ["training.accumulate=64"])
     with pytest.raises(RecipeError, match="nonfinite_loss: skip decides before the backward"):
         load_recipe(RECIPE, ["training.accumulate=2", "training.nonfinite_loss=skip"])
+
+
+@pytest.mark.parametrize("compute", ["active", "masked"])
+def test_compiled_training_is_the_eager_training(tmp_path: Path, compute: str) -> None:
+    """`training.compile` runs the steps through torch.compile: with weight and token
+    sparsity, in both compute modes, the run logs the eager run's numbers (to float rounding)
+    and ends with the eager run's masks."""
+    recipe = {
+        "name": "compiled",
+        "training": {"epochs": 2, "batch_size": 16, "drop_path": 0.0, "compute": compute,
+                     "schedule": {"warmup": 0}},
+        "phases": [
+            {"kind": "unstructured_dst", "sparsity": 0.5, "update_every": "3 steps",
+             "min_update_interval": "1 steps"},
+            {"kind": "token_select", "keep_ratio": 0.5, "temperature_start": 1.0},
+        ],
+    }  # fmt: skip
+    runs = {}
+    for compiled in (False, True):
+        run = RunConfig(
+            model="vit_tiny_patch16_224", data="synthetic", img_size=16, patch_size=8,
+            output=tmp_path / f"{compute}-{compiled}", device="cpu",
+            extra={"depth": 2, "embed_dim": 48, "num_heads": 4, "global_pool": "avg"},
+        )  # fmt: skip
+        train(load_recipe(recipe, [f"training.compile={str(compiled).lower()}"]), run)
+        runs[compiled] = [
+            json.loads(line) for line in (run.output / "metrics.jsonl").read_text().splitlines()
+        ]
+    eager, compiled = runs[False], runs[True]
+    assert [r["event"] for r in eager] == [r["event"] for r in compiled]
+    for a, b in zip(eager, compiled, strict=True):
+        if a["event"] == "epoch":
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+            assert b["val_acc"] == a["val_acc"]
+        if a["event"] == "mask_update":
+            assert b["regrown"] == a["regrown"]
+    final = [
+        load_checkpoint(tmp_path / f"{compute}-{c}" / "checkpoint.pt")["session"]
+        for c in (False, True)
+    ]
+    masks = [s["modifiers"][0]["state"]["masks"] for s in final]
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_compile_refuses_a_phase_it_cannot_train() -> None:
+    from sparsekit.errors import RecipeError
+
+    recipe = {"name": "c", "phases": [{"kind": "head_prune_grow", "head_density": 0.5}]}
+    with pytest.raises(RecipeError, match=r"head_prune_grow\) cannot train under compile"):
+        load_recipe(recipe, ["training.compile=true"])

@@ -150,6 +150,16 @@ def _check_schedule(recipe: Recipe) -> list[Problem]:
                 "into parts; use nonfinite_loss: stop with accumulate, or accumulate: 1",
             )
         )
+    if training.compile:
+        for i, phase in enumerate(recipe.phases):
+            if phase.not_compilable:
+                problems.append(
+                    (
+                        ("training", "compile"),
+                        f"phases[{i}] ({phase.kind}) cannot train under compile: "
+                        f"{phase.not_compilable}; set compile: false",
+                    )
+                )
     if training.peak_lr > MAX_LR:
         problems.append(
             (

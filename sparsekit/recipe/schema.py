@@ -117,6 +117,11 @@ class Training(Strict):
         description="active: between updates, train only the kept heads, neurons and tokens "
         "(cheaper, same result); masked: full-size steps with masks.",
     )
+    compile: bool = Field(
+        False,
+        description="Run the training forward and backward through torch.compile (the model "
+        "the phases work on stays the eager one).",
+    )
     accumulate: int = Field(
         1,
         ge=1,

@@ -229,6 +229,15 @@ def build_run(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=any(m.config.adds_parameters for m in modifiers),
         )
+    if cfg.compile:
+        # The phases work on `model`, in place, through hooks and swapped forwards: dynamo
+        # guards on them, so a change of the active sub-network compiles once more at most.
+        # Random draws (Gumbel noise, dropout) from torch's own generator, as in eager mode: the
+        # same numbers, and checkpoints that hold the generator resume them.
+        import torch._inductor.config as inductor
+
+        inductor.fallback_random = True
+        trained = torch.compile(trained)
     amp_dtype = _amp_dtype(device)
     return Run(
         recipe=recipe,

@@ -48,6 +48,8 @@ class PhaseConfig(Strict):
     # `recipe show --model` prints what each block keeps under it (its modifier's
     # `describe_on`), which depends on the model.
     per_block: ClassVar[bool] = False
+    # Why it cannot train under `training.compile` (None: it can).
+    not_compilable: ClassVar[str | None] = None
 
     @classmethod
     def kind_name(cls) -> str:

@@ -81,6 +81,11 @@ class HeadPruneGrowPhase(WindowedPhase):
     )
     scheduled_updates: ClassVar[bool] = True
     per_block: ClassVar[bool] = True
+    not_compilable: ClassVar[str | None] = (
+        "its heads and neurons are scored by gradient hooks on per-sample gates made inside "
+        "the forward pass, which torch.compile does not run (measured: other heads kept than "
+        "the eager run's)"
+    )
 
     @field_validator("heads")
     @classmethod
