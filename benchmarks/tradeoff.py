@@ -99,11 +99,8 @@ class SweepError(Exception):
 def train_one(method: str, seed: int, epochs: int, folder: Path) -> str:
     """One run in a worker process (one thread: two small runs side by side beat one run on
     two threads at this size)."""
-    from rich.console import Console
-
     from sparsekit import load_recipe
     from sparsekit.recipe import dump_recipe
-    from sparsekit.train.trainer import RunConfig, train
 
     torch.set_num_threads(1)
     recipe = load_recipe(recipe_for(method, epochs, seed))
@@ -115,12 +112,22 @@ def train_one(method: str, seed: int, epochs: int, folder: Path) -> str:
         )
     if (folder / "summary.json").is_file():
         return f"{folder.name}: done before"
+    return train_in(folder, recipe)
+
+
+def train_in(folder: Path, recipe, model_args: dict | None = None) -> str:
+    """Train `recipe` on the digits in `folder` (continuing a run stopped there), quietly;
+    its result in one line. Shared by the sweeps of this directory."""
+    from rich.console import Console
+
+    from sparsekit.train.trainer import RunConfig, train
+
     config = RunConfig(
         model=MODEL,
         data="digits",
         img_size=IMG_SIZE,
         output=folder,
-        extra=dict(MODEL_ARGS),
+        extra=dict(MODEL_ARGS if model_args is None else model_args),
         resume=(folder / "checkpoint.pt").is_file(),
     )
     started = time.perf_counter()

@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from tradeoff import IMG_SIZE, MODEL, MODEL_ARGS, recipe_for
+from tradeoff import recipe_for, train_in
 
 PHASES = {
     "dense": [],
@@ -38,10 +38,7 @@ PHASES = {
 
 
 def train_one(method: str, every: int | None, seed: int, epochs: int, folder: Path) -> str:
-    from rich.console import Console
-
     from sparsekit import load_recipe
-    from sparsekit.train.trainer import RunConfig, train
 
     torch.set_num_threads(1)
     if (folder / "summary.json").is_file():
@@ -53,19 +50,7 @@ def train_one(method: str, every: int | None, seed: int, epochs: int, folder: Pa
         {**phase, "update_every": f"{every} steps", "min_update_interval": "1 steps"}
         for phase in PHASES[method]
     ]
-    config = RunConfig(
-        model=MODEL,
-        data="digits",
-        img_size=IMG_SIZE,
-        output=folder,
-        extra=dict(MODEL_ARGS),
-        resume=(folder / "checkpoint.pt").is_file(),
-    )
-    started = time.perf_counter()
-    summary = train(load_recipe(recipe), config, Console(quiet=True))
-    return (
-        f"{folder.name}: val acc {summary['val_acc']:.4f} in {time.perf_counter() - started:.0f} s"
-    )
+    return train_in(folder, load_recipe(recipe))
 
 
 def main() -> None:

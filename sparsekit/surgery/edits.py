@@ -56,13 +56,6 @@ class ModelEdits:
         parent.add_module(name, module)
         return self.add_undo(lambda: delattr(parent, name))
 
-    def set_attribute(self, obj: Any, name: str, value: Any) -> Edit:
-        """`obj.name = value`, an attribute `obj` does not have."""
-        if hasattr(obj, name):
-            raise ValueError(f"{type(obj).__name__} already has an attribute {name!r}")
-        setattr(obj, name, value)
-        return self.add_undo(lambda: delattr(obj, name))
-
     def override_forward(self, module: nn.Module, forward: Callable[..., Any]) -> Edit:
         """Run `forward` (a bound method of `module`) instead of its class's forward."""
         if "forward" in module.__dict__:
