@@ -7,7 +7,7 @@ import difflib
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,19 +355,8 @@ def load_weights(model: nn.Module, path: Path) -> list[str]:
     """
     state = read_state_dict(path)
     adapted, reset, notes = _adapt(model, state, path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(adapted) - set(reset))
-    unexpected = sorted(set(adapted) - set(own))
-    wrong = sorted(k for k in set(own) & set(adapted) if own[k].shape != adapted[k].shape)
-    if missing or unexpected or wrong:
-        shapes = [
-            f"{k} (file {_shape(adapted[k].shape)}, model {_shape(own[k].shape)})" for k in wrong
-        ]
-        detail = "; ".join(
-            f"{label}: {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-            if keys
-        )
+    detail = misfit(model.state_dict(), adapted, "model", left_out=reset)
+    if detail:
         raise SparsekitError(
             f"{path}: weights do not fit {type(model).__name__} ({detail}). Build the model with "
             "the same --model and --model-arg the weights were trained with: another number of "
@@ -378,9 +367,10 @@ def load_weights(model: nn.Module, path: Path) -> list[str]:
     return notes
 
 
-def read_state_dict(path: Path) -> dict[str, Any]:
+def read_state_dict(path: Path, option: str = "--checkpoint") -> dict[str, Any]:
     """The state dict in a weights file: safetensors, or torch.load(weights_only=True) of a
     .pth/.pt/.bin file, unwrapped and with wrapper prefixes removed (timm's clean_state_dict).
+    `option` names where the path was given, in the errors (a recipe field reads it too).
 
     Raises:
         SparsekitError: unknown suffix, no such file, unreadable or refused, no state dict.
@@ -391,7 +381,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     kinds = ", ".join(WEIGHT_SUFFIXES)
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
         raise SparsekitError(
-            f"{path}: --checkpoint takes a weights file ending in {kinds}, not "
+            f"{path}: {option} takes a weights file ending in {kinds}, not "
             f"{path.suffix or 'a name without a suffix'!r}. Save the weights with "
             "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors') or "
             "torch.save(model.state_dict(), 'weights.pth')."
@@ -402,7 +392,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
         is_file = False
     if not is_file:
         raise SparsekitError(
-            f"{path}: no such checkpoint file. --checkpoint takes a weights file ({kinds}); "
+            f"{path}: no such checkpoint file. {option} takes a weights file ({kinds}); "
             "check the path."
         )
     read = _read_safetensors if path.suffix.lower() == ".safetensors" else _read_torch
@@ -422,7 +412,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
         else:
             what = f"a {type(state).__name__}"
         raise SparsekitError(
-            f"{path}: holds no state dict ({what}). --checkpoint reads a mapping of parameter "
+            f"{path}: holds no state dict ({what}). {option} reads a mapping of parameter "
             f"names to tensors, or one wrapped under {', '.join(map(repr, STATE_DICT_KEYS))}; "
             "save one with torch.save(model.state_dict(), path)."
         )
@@ -552,6 +542,23 @@ def _adapt(
                 "no head (num_classes 0)."
             )
     return adapted, reset, notes
+
+
+def misfit(
+    own: dict[str, Any], state: dict[str, Any], what: str, left_out: Iterable[str] = ()
+) -> str:
+    """What keeps `state` (a file's tensors) from loading into a module whose state dict is
+    `own` (called `what` in the text): missing, unexpected and misshapen keys, the first three
+    of each; empty when it fits. Keys in `left_out` may be missing."""
+    missing = sorted(set(own) - set(state) - set(left_out))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    shapes = [f"{k} (file {_shape(state[k].shape)}, {what} {_shape(own[k].shape)})" for k in wrong]
+    return "; ".join(
+        f"{label}: {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if keys
+    )
 
 
 def _shape(shape: Any) -> str:

@@ -40,3 +40,29 @@ def train_step(session, forward, optimizer, x: torch.Tensor, y: torch.Tensor) ->
     optimizer.step()
     optimizer.zero_grad()
     session.after_optimizer_step()
+
+
+def digits_folder(root, per_class: int = 12, val_per_class: int = 4, size: int = 16):
+    """scikit-learn's handwritten digits written out as RGB PNG files in an image folder
+    (train/CLASS/ and val/CLASS/), enlarged to `size` px: real images through the whole
+    image-folder pipeline. Returns `root`."""
+    from pathlib import Path
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    digits = load_digits()
+    counts: dict[tuple[str, int], int] = {}
+    for image, label in zip(digits.images, digits.target, strict=True):
+        for split, wanted in (("train", per_class), ("val", val_per_class)):
+            done = counts.get((split, label), 0)
+            if done < wanted:
+                counts[(split, label)] = done + 1
+                folder = root / split / str(label)
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = (image * 255 / 16).astype("uint8")
+                picture = Image.fromarray(pixels).convert("RGB").resize((size, size))
+                picture.save(folder / f"{done}.png")
+                break
+    return root

@@ -55,12 +55,22 @@ LrOption = Annotated[float | None, typer.Option(help="Shortcut for --set trainin
 @reports_errors
 def apply(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    model: Annotated[str, typer.Option(help="timm model name; deit_tiny/small/base work too.")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="timm model name; deit_tiny/small/base work too. Optional with --init-from "
+            "(the export's model)."
+        ),
+    ] = None,
     data: Annotated[
         str, typer.Option(help="digits, synthetic, or an ImageFolder root with train/ and val/.")
     ] = "digits",
     output: Annotated[
-        Path | None, typer.Option(help="Run folder (default runs/<recipe>-<model>).")
+        Path | None,
+        typer.Option(
+            help="Run folder (default runs/<recipe>-<model>; with --init-from "
+            "runs/<recipe>-<export folder>)."
+        ),
     ] = None,
     set_: SetOption = None,
     epochs: EpochsOption = None,
@@ -85,8 +95,24 @@ def apply(
             help="Start from local weights (.safetensors, or a .pth/.pt/.bin state dict)."
         ),
     ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start from a sparsekit export (compacted or masked): its architecture, "
+            "weights, masks, kept heads and neurons and token selectors are the recipe's "
+            "starting state (recipes/finetune_export.yaml holds them fixed).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    workers: Annotated[int, typer.Option(min=0, help="Data loader worker processes.")] = 0,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Data loader worker processes (default: none for digits and synthetic; for "
+            "image folders one per core of this process but one, at most 8).",
+        ),
+    ] = None,
     bad_images: Annotated[
         str,
         typer.Option(
@@ -122,6 +148,7 @@ def apply(
         patch_size=patch_size,
         pretrained=pretrained,
         checkpoint=checkpoint,
+        init_from=init_from,
         device=device,
         workers=workers,
         bad_images=bad_images,

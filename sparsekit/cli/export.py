@@ -34,6 +34,14 @@ def export(
             "instead of the last checkpoint.",
         ),
     ] = False,
+    ema: Annotated[
+        bool,
+        typer.Option(
+            "--ema",
+            help="Export the moving average of the weights (training.ema; as sparse as the "
+            "model) instead of the model's own weights; with --best, the best checkpoint's.",
+        ),
+    ] = False,
 ) -> None:
     """Export a run's last (or --best) checkpoint: OUT/model.safetensors, config.json and
     recipe.yaml."""
@@ -41,12 +49,12 @@ def export(
     from sparsekit.export import export_run, load_compact
 
     out = output or run_dir / "export"
-    manifest = export_run(run_dir, out, compact=compact, best=best)
+    manifest = export_run(run_dir, out, compact=compact, best=best, ema=ema)
     cost = model_cost(load_compact(out))
     heads = sum(b.heads for b in manifest.blocks)
     Console().print(
         f"wrote {out}/model.safetensors ({'compact' if compact else 'masked, full size'}"
-        f"{', best checkpoint' if best else ''}): "
+        f"{', best checkpoint' if best else ''}{', EMA weights' if ema else ''}): "
         f"{heads} heads in {len(manifest.blocks)} blocks, {cost.params:,} parameters "
         f"({cost.nonzero_params:,} non-zero), {cost.flops / 1e9:.3f} GFLOPs per image. "
         f"Load it with sparsekit.load_compact({str(out)!r}); `sparsekit inspect {out}` shows "

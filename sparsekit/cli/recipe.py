@@ -75,6 +75,11 @@ def show(
         f"{timeline.steps_per_epoch:,} steps (batch {t.batch_size}, {dataset_size:,} images) = "
         f"{timeline.total_steps:,} steps; {t.optimizer.name} {t.describe_lr()}"
     )
+    if t.distillation is not None:
+        console.print(t.distillation.describe(), markup=False, highlight=False)
+    if t.ema is not None:
+        console.print(t.ema.describe(), markup=False, highlight=False)
+    console.print(recipe.data.describe(), markup=False, highlight=False)
     console.print(phase_table(recipe, timeline))
     for note in cadence_notes(recipe, timeline):
         console.print(f"note: {note}", highlight=False)

@@ -94,6 +94,18 @@ def load_compact(path: str | Path) -> nn.Module:
         SparsekitError: see `read_export`; also a manifest that does not fit its tensors.
     """
     manifest, tensors = read_export(path)
+    return built_export(path, manifest, tensors)
+
+
+def built_export(
+    path: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor]
+) -> nn.Module:
+    """The model of a checked export (`read_export`'s manifest and tensors), built and loaded as
+    `load_compact` returns it; for callers that need the manifest too (`--init-from`).
+
+    Raises:
+        SparsekitError: a model the bounds refuse, or a manifest that does not fit its tensors.
+    """
     try:  # the same bounds as any model spec: a correct hash does not make a manifest safe
         model = create_model(ModelSpec(manifest.model, manifest.model_kwargs))
     except SparsekitError as err:

@@ -162,11 +162,16 @@ def _replace(
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path, compact: bool = True, best: bool = False
+    run_dir: str | Path,
+    out: str | Path,
+    compact: bool = True,
+    best: bool = False,
+    ema: bool = False,
 ) -> Manifest:
     """Export the last checkpoint of a `sparsekit apply` run folder, or with `best` its
-    checkpoint-best.pt (the epoch of the best validation accuracy)."""
-    run = open_run(Path(run_dir), best=best)
+    checkpoint-best.pt (the epoch of the best validation accuracy); with `ema`, the
+    checkpoint's moving average of the weights (training.ema), baked and compacted alike."""
+    run = open_run(Path(run_dir), best=best, ema=ema)
     return export_model(
         run.spec,
         run.weights,

@@ -17,6 +17,7 @@ from sparsekit.surgery.edits import ModelEdits
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
+    from sparsekit.modifiers.start_state import StartState
     from sparsekit.session import Session
     from sparsekit.timeline import Timeline
 
@@ -92,6 +93,13 @@ class Modifier:
     def first_masks(self) -> None:
         """Make the phase's first masks now, as at its first batch but without an optimizer
         (what `sparsekit inspect --recipe` shows); kinds without masks do nothing."""
+
+    def start_from(self, start: StartState) -> None:
+        """Take a sparsekit export's state as this phase's first state (`--init-from`), in
+        place of the first masks it would choose; called once the recipe is compiled, before
+        the export's weights are loaded and the optimizer is built. Kinds that hold sparsity
+        override this and raise SparsekitError (what differs, how to fix it) when the export
+        does not fit them; kinds without masks take nothing."""
 
     def masks_owned(self) -> list[str]:
         """Names of the parameters whose sparsity this modifier controls."""

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from rich.table import Table
 from torch import nn
 
-from sparsekit.errors import RecipeError
+from sparsekit.errors import RecipeError, SparsekitError
 from sparsekit.modifiers.prune_grow import PruneGrowModifier
 from sparsekit.modifiers.registry import register
 from sparsekit.recipe.schema import HeadPruneGrowPhase
@@ -33,9 +33,10 @@ from sparsekit.surgery.active import ActiveForward
 from sparsekit.surgery.compact import zero_units_
 from sparsekit.surgery.optimizer_state import may_move_without_gradient, zero_and_restart
 from sparsekit.surgery.unit_slices import FrozenSlices, unit_positions, unit_slices
-from sparsekit.surgery.units import UnitGate, UnitGroup, head_groups, neuron_groups
+from sparsekit.surgery.units import UnitGate, UnitGroup, head_groups, kept_counts, neuron_groups
 
 if TYPE_CHECKING:
+    from sparsekit.modifiers.start_state import StartState
     from sparsekit.session import Session
     from sparsekit.surgery.optimizer_state import OptimizerRestarts
 
@@ -77,6 +78,8 @@ class HeadPruneGrow(PruneGrowModifier):
         self._active = ActiveForward(groups, self._gates, self.edits)
         self._grow_batch = False  # this step's batch scores growth (and so runs full size)
         self._frozen = FrozenSlices()  # the inactive units' parameters
+        # Started from an export (--init-from): the units it kept, this phase's first masks.
+        self._start_keeps: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def find(cls, config: HeadPruneGrowPhase, model: nn.Module) -> list[UnitGroup]:
@@ -137,10 +140,55 @@ class HeadPruneGrow(PruneGrowModifier):
         self._frozen.restore()
 
     # --- masks -----------------------------------------------------------------------------
+    def start_from(self, start: StartState) -> None:
+        """The first masks are the units the export kept, which must be this phase's budget:
+        per block (`budget: per_block`), or in all and above `min_heads` (`global`). The
+        export's dropped units have zero weights, so one grown back starts from zero."""
+        keeps = {g.name: start.unit_keeps[g.name].clone() for g in self.groups}
+        for kind, what, field in (
+            ("heads", "heads", "heads"),
+            ("neurons", "MLP neurons", "mlp_neurons"),
+        ):
+            groups = [g for g in self.groups if g.kind == kind]
+            if not groups:
+                continue
+            kept = {g.name: int(keeps[g.name].sum()) for g in groups}
+            counts = sorted(set(kept.values()))
+            theirs = (
+                f"{field}: {counts[0]}"
+                if len(counts) == 1
+                else f"budget: global ({sum(kept.values()):,} {what} in all, {counts[0]} to "
+                f"{counts[-1]} per block)"
+            )
+            if self.config.budget == "global":
+                want = sum(self.budgets[g.name] for g in groups)
+                low = [g for g in groups if kept[g.name] < self.minimum[g.name]]
+                if sum(kept.values()) != want or low:
+                    raise SparsekitError(
+                        f"the export keeps {sum(kept.values()):,} {what} in all"
+                        + (f" ({low[0].name} only {kept[low[0].name]})" if low else "")
+                        + f", but this phase keeps {want:,} (budget: global, at least "
+                        f"{self.minimum[groups[0].name]} per block); give it the export's "
+                        f"counts ({theirs}), or hold them with a fixed_sparsity phase."
+                    )
+                continue
+            wrong = [g for g in groups if kept[g.name] != self.budgets[g.name]]
+            if wrong:
+                g = wrong[0]
+                raise SparsekitError(
+                    f"the export keeps {kept[g.name]} of {g.units} {what} in {g.name}, but this "
+                    f"phase keeps {self.budgets[g.name]} per block; give it the export's counts "
+                    f"({theirs}), or hold them with a fixed_sparsity phase."
+                )
+        self._start_keeps = keeps
+
     @torch.no_grad()
     def initialize(self, restarts: OptimizerRestarts | None) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(self.seed)
         for g in self.groups:
+            if self._start_keeps is not None:  # the export's units
+                self.keeps[g.name] = self._start_keeps[g.name].clone()
+                continue
             if self.config.init == "magnitude":
                 score = _unit_norms(g)
             else:
@@ -270,18 +318,7 @@ class HeadPruneGrow(PruneGrowModifier):
 
     def _counts(self) -> dict[str, Any]:
         """Event fields: units kept by kind, and which heads each block keeps (for reports)."""
-        counts: dict[str, Any] = {
-            f"{kind}_kept": sum(
-                int(self.keeps[g.name].sum()) for g in self.groups if g.kind == kind
-            )
-            for kind in ("heads", "neurons")
-        }
-        counts["heads"] = {
-            g.name: self.keeps[g.name].nonzero().flatten().tolist()
-            for g in self.groups
-            if g.kind == "heads"
-        }
-        return counts
+        return kept_counts(self.groups, self.keeps)
 
     def close(self) -> None:
         """Take the gates and the active forward out, with the dropped units' weights zeroed:

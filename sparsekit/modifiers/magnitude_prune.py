@@ -15,11 +15,13 @@ from torch import nn
 
 from sparsekit.modifiers.base import Modifier
 from sparsekit.modifiers.registry import register
+from sparsekit.modifiers.start_state import start_scores
 from sparsekit.recipe.schema import MagnitudePrunePhase
 from sparsekit.surgery.targets import Target, find_targets
 from sparsekit.surgery.weight_masks import WeightMasks
 
 if TYPE_CHECKING:
+    from sparsekit.modifiers.start_state import StartState
     from sparsekit.session import Session
     from sparsekit.surgery.optimizer_state import OptimizerRestarts
     from sparsekit.timeline import Timeline
@@ -44,13 +46,18 @@ class MagnitudePrune(Modifier):
         self.weight_masks = WeightMasks(targets, config.sparsity, config.distribution)
         self.budgets = self.weight_masks.budgets
         self.initialized = False
+        # Started from an export (--init-from), until its mask is made from it.
+        self._start: StartState | None = None
+        self.seed = 0
 
     @classmethod
     def build(cls, config: Any, model: nn.Module, timeline: Timeline, seed: int) -> Modifier:
         targets = find_targets(
             model, list(config.targets.roles), config.targets.include, config.targets.exclude
         )
-        return cls(config, model, timeline.steps(config.start), timeline.total_steps, targets)
+        modifier = cls(config, model, timeline.steps(config.start), timeline.total_steps, targets)
+        modifier.seed = seed
+        return modifier
 
     # --- lifecycle -------------------------------------------------------------------------
     def active(self, step: int) -> bool:
@@ -66,9 +73,26 @@ class MagnitudePrune(Modifier):
         if not self.initialized:
             self.initialize(None)
 
+    def start_from(self, start: StartState) -> None:
+        """The mask is the export's, each layer's budget made up as `start_scores` says;
+        layers the export lacks (a fresh classifier) are pruned by magnitude."""
+        self._start_scores(start)  # refused here, before anything trains, if it does not fit
+        self._start = start
+
+    def _start_scores(self, start: StartState | None) -> dict[str, torch.Tensor]:
+        if start is None:
+            return {}
+        asks = f"sparsity {self.config.sparsity:g} ({self.config.distribution})"
+        return start_scores(self.targets, self.budgets, start, self.seed, asks)
+
     def initialize(self, restarts: OptimizerRestarts | None) -> None:
-        """Keep each layer's largest |w|, zeroing the optimizer state of the rest."""
-        self.weight_masks.set_first(lambda w: w.detach().abs(), restarts)
+        """Keep each layer's largest |w| (or the export's mask), zeroing the optimizer state of
+        the rest."""
+        scores, self._start = self._start_scores(self._start), None
+        given = {id(t.weight): scores.get(t.name) for t in self.targets}
+        self.weight_masks.set_first(
+            lambda w: w.detach().abs() if given[id(w)] is None else given[id(w)], restarts
+        )
         self.initialized = True
 
     def before_optimizer_step(self, session: Session) -> None:
@@ -101,3 +125,5 @@ class MagnitudePrune(Modifier):
         """Take the masks; the other saved keys are those of a phase that never updates."""
         self.weight_masks.load_state_dict(state["masks"])
         self.initialized = bool(state["initialized"])
+        if self.initialized:
+            self._start = None  # the masks are the checkpoint's

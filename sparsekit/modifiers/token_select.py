@@ -20,6 +20,7 @@ from sparsekit.recipe.schema import TokenSelectPhase
 from sparsekit.surgery.tokens import Placement, TokenSelection, kept_count
 
 if TYPE_CHECKING:
+    from sparsekit.modifiers.start_state import StartState
     from sparsekit.session import Session
     from sparsekit.timeline import Timeline
 
@@ -107,6 +108,25 @@ class TokenSelect(Modifier):
                 "timeline)."
             )
 
+    def start_from(self, start: StartState) -> None:
+        """The scorers start from the export's (loaded with its weights), so the selectors
+        must be the export's: the same blocks and keep ratios."""
+        mine = _placed(self.placements)
+        theirs = _placed(start.placements)
+        if not start.placements:
+            raise SparsekitError(
+                "the export has no token selectors (its run had no token_select phase), so "
+                f"there are no scorer weights to start this phase's ({mine}) from. Remove the "
+                "phase to fine-tune without token selection, or start from an export that "
+                "selects tokens."
+            )
+        if sorted(self.placements, key=_at) != sorted(start.placements, key=_at):
+            raise SparsekitError(
+                f"the export selects tokens {theirs}, this phase {mine}; its scorers' weights "
+                "fit only the same selectors: give the phase the export's keep_ratio and "
+                "before_block (or placements)."
+            )
+
     def finalize(self, session: Session) -> None:
         self.selection.enabled = True  # the trained model selects, as its export will
 
@@ -118,6 +138,16 @@ class TokenSelect(Modifier):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Nothing to restore besides the model's own weights."""
+
+
+def _at(placement: Placement) -> tuple[int, float]:
+    return placement.before_block, placement.keep_ratio
+
+
+def _placed(placements: Any) -> str:
+    """Selectors in words, in block order: "keep 0.7 before block 0"."""
+    ordered = sorted(placements, key=_at)
+    return ", ".join(f"keep {p.keep_ratio:g} before block {p.before_block}" for p in ordered)
 
 
 def annealed_temperature(start: float, end: float, progress: float, decay: str) -> float:

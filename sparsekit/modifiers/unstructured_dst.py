@@ -19,6 +19,7 @@ from torch import nn
 
 from sparsekit.modifiers.prune_grow import PruneGrowModifier
 from sparsekit.modifiers.registry import register
+from sparsekit.modifiers.start_state import start_scores
 from sparsekit.recipe.schema import UnstructuredDSTPhase
 from sparsekit.surgery.masks import random_scores, topk_mask
 from sparsekit.surgery.optimizer_state import OptimizerRestarts, zero_and_restart
@@ -26,6 +27,7 @@ from sparsekit.surgery.targets import Target, find_targets
 from sparsekit.surgery.weight_masks import WeightMasks, as_float
 
 if TYPE_CHECKING:
+    from sparsekit.modifiers.start_state import StartState
     from sparsekit.session import Session
 
 
@@ -55,6 +57,8 @@ class UnstructuredDST(PruneGrowModifier):
         self.budgets = self.weight_masks.budgets
         # Per layer, the dense gradients of the grow window: the grow score of the next update.
         self._grad_sum: dict[str, torch.Tensor] = {}
+        # Started from an export (--init-from), until its first masks are made from it.
+        self._start: StartState | None = None
 
     @classmethod
     def find(cls, config: UnstructuredDSTPhase, model: nn.Module) -> list[Target]:
@@ -85,13 +89,33 @@ class UnstructuredDST(PruneGrowModifier):
             self.weight_masks.restore_after_step(session.optimizer)
 
     # --- masks -----------------------------------------------------------------------------
+    def start_from(self, start: StartState) -> None:
+        """The first masks are the export's, each layer's budget made up as `start_scores`
+        says; layers the export lacks (a fresh classifier) get the phase's own `init`."""
+        self._start_scores(start)  # refused here, before anything trains, if it does not fit
+        self._start = start
+
+    def _start_scores(self, start: StartState | None) -> dict[str, torch.Tensor]:
+        if start is None:
+            return {}
+        asks = f"sparsity {self.config.sparsity:g} ({self.config.distribution})"
+        return start_scores(self.targets, self.budgets, start, self.seed, asks)
+
     @torch.no_grad()
     def initialize(self, restarts: OptimizerRestarts | None) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(self.seed)
-        self.weight_masks.set_first(lambda w: self._initial_scores(w, generator), restarts)
+        scores, self._start = self._start_scores(self._start), None
+        given = {id(t.weight): scores.get(t.name) for t in self.targets}
+        self.weight_masks.set_first(
+            lambda w: self._initial_scores(w, generator, given[id(w)]), restarts
+        )
         return {}
 
-    def _initial_scores(self, w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _initial_scores(
+        self, w: torch.Tensor, generator: torch.Generator, given: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if given is not None:  # the export's mask
+            return given
         if self.config.init == "magnitude":
             return w.detach().abs()
         return random_scores(w.shape, generator).to(w.device)
@@ -169,6 +193,8 @@ class UnstructuredDST(PruneGrowModifier):
         self.weight_masks.load_state_dict(state["masks"])
         self.initialized = bool(state["initialized"])
         self.updates_done = int(state["updates_done"])
+        if self.initialized:
+            self._start = None  # the masks are the checkpoint's
         self.deferred = state["deferred"]
         weights = {t.name: t.weight for t in self.targets}
         self._grad_sum = {k: v.to(weights[k].device) for k, v in state.get("grad_sum", {}).items()}

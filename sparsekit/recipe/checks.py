@@ -160,6 +160,15 @@ def _check_schedule(recipe: Recipe) -> list[Problem]:
                         f"{phase.not_compilable}; set compile: false",
                     )
                 )
+    if recipe.data.mixes and training.batch_size % 2:
+        problems.append(
+            (
+                ("data", "mixup" if recipe.data.mixup else "cutmix"),
+                f"mixup and cutmix mix images in pairs, but training.batch_size "
+                f"{training.batch_size} is odd; make it even (a multiple of twice the number of "
+                "processes under torchrun)",
+            )
+        )
     if training.peak_lr > MAX_LR:
         problems.append(
             (

@@ -13,6 +13,8 @@ from pydantic import Field
 
 from sparsekit.recipe.cadence import FractionDecay
 from sparsekit.recipe.data import Data
+from sparsekit.recipe.distillation import Distillation
+from sparsekit.recipe.ema import Ema
 from sparsekit.recipe.phases import (
     PHASE_KINDS,
     PHASES,
@@ -35,6 +37,8 @@ __all__ = [
     "PHASE_KINDS",
     "ROLES",
     "DenseWarmupPhase",
+    "Distillation",
+    "Ema",
     "FractionDecay",
     "HeadPruneGrowPhase",
     "MagnitudePrunePhase",
@@ -128,6 +132,16 @@ class Training(Strict):
         le=1024,
         description="Micro-batches per optimizer step: each process's share of batch_size "
         "runs forward and backward in this many parts (less memory, the same optimizer step).",
+    )
+    ema: Ema | None = Field(
+        None,
+        description="A moving average of the weights (timm's ModelEmaV3), kept exactly as sparse "
+        "as the model and evaluated beside it every epoch; null: none.",
+    )
+    distillation: Distillation | None = Field(
+        None,
+        description="Knowledge distillation from a fixed teacher, DeiT's loss (hard or soft); "
+        "null: none.",
     )
 
     @property

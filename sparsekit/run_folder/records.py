@@ -46,6 +46,8 @@ CSV_COLUMNS = (
     "train_time_s",
     "time_s",
 )
+# Columns of runs that log them only (training.ema), added after CSV_COLUMNS when a line has them.
+OPTIONAL_CSV_COLUMNS = ("ema_val_loss", "ema_val_acc")
 
 
 class _ModelRecord(BaseModel):
@@ -54,13 +56,21 @@ class _ModelRecord(BaseModel):
     kwargs: dict[str, Any]
 
 
+class _InitFromRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class RunJson(BaseModel):
-    """`run.json`: the model and data a run was started with."""
+    """`run.json`: the model and data a run was started with (and the export it started from,
+    with --init-from)."""
 
     model_config = ConfigDict(extra="allow")
     model: _ModelRecord
     data: str
     device: str = "auto"
+    init_from: _InitFromRecord | None = None
 
 
 class EpochRecord(BaseModel):
@@ -108,13 +118,22 @@ class Summary(BaseModel):
     units: dict[str, _Units] = {}
 
 
-def start_records(folder: Path, recipe_yaml: str, spec: ModelSpec, data: str, device: str) -> None:
+def start_records(
+    folder: Path,
+    recipe_yaml: str,
+    spec: ModelSpec,
+    data: str,
+    device: str,
+    init_from: dict[str, str] | None = None,
+) -> None:
     """A new run's records: `recipe.yaml` (the resolved recipe, after --set and --epochs, as
     `dump_recipe` wrote it), `run.json` (the timm model and its arguments, the data, the device
-    asked for) and an empty `metrics.jsonl`."""
+    asked for, and with --init-from the export's path and hash) and an empty `metrics.jsonl`."""
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / RECIPE_FILE, recipe_yaml)
-    record = {"model": asdict(spec), "data": data, "device": device}
+    record: dict[str, Any] = {"model": asdict(spec), "data": data, "device": device}
+    if init_from is not None:
+        record["init_from"] = init_from
     write_text_atomic(folder / RUN_FILE, json.dumps(record, indent=2))
     write_metrics(folder, [])
 
@@ -142,15 +161,19 @@ def write_metrics(folder: Path, records: list[dict[str, Any]]) -> None:
 
 
 def write_metrics_csv(folder: Path, records: list[dict[str, Any]]) -> None:
-    """Replace `metrics.csv` with one row per epoch line of `records`: the `CSV_COLUMNS`, a
-    field the line lacks left empty. Floats are written as Python prints them (`repr`), so
-    each cell reads back as the very number metrics.jsonl holds (`nan` for a NaN)."""
+    """Replace `metrics.csv` with one row per epoch line of `records`: the `CSV_COLUMNS` (and
+    the `OPTIONAL_CSV_COLUMNS` some line has), a field the line lacks left empty. Floats are
+    written as Python prints them (`repr`), so each cell reads back as the very number
+    metrics.jsonl holds (`nan` for a NaN)."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for record in records:
-        if record.get("event") == "epoch":
-            writer.writerow([record.get(column) for column in CSV_COLUMNS])
+    epochs = [record for record in records if record.get("event") == "epoch"]
+    columns = CSV_COLUMNS + tuple(
+        column for column in OPTIONAL_CSV_COLUMNS if any(column in r for r in epochs)
+    )
+    writer.writerow(columns)
+    for record in epochs:
+        writer.writerow([record.get(column) for column in columns])
     write_text_atomic(folder / METRICS_CSV_FILE, text.getvalue())
 
 

@@ -16,7 +16,7 @@ bit). In one process the global batch is the local batch and the draw is the one
 `drop_path` and torch's CPU dropout make themselves: the results do not change (on CUDA,
 `nn.Dropout` no longer uses its fused kernel, so it draws other, equally distributed numbers).
 
-Rank r's rows are the r-th equal share of the global batch (what `ShardedBatchSampler` yields);
+Rank r's rows are the r-th equal share of the global batch (what `EpochOrder` yields);
 an uneven batch states its rows with `batch_rows(start, total)`. Noise that sparsekit cannot draw
 this way (attention dropout inside the fused attention kernel, timm's `PatchDropout`) is refused
 under torch.distributed.

@@ -10,6 +10,7 @@ model and the physically compacted one compute the same function.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,6 +114,19 @@ def neuron_groups(model: nn.Module) -> list[UnitGroup]:
             )
         groups.append(UnitGroup(name, "neurons", mlp, mlp.fc2.in_features, 1, producers, mlp.fc2))
     return groups
+
+
+def kept_counts(groups: list[UnitGroup], keeps: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What an event records of the units kept: the heads and neurons kept in all, and which
+    heads each block keeps (the report draws them)."""
+    counts: dict[str, Any] = {
+        f"{kind}_kept": sum(int(keeps[g.name].sum()) for g in groups if g.kind == kind)
+        for kind in ("heads", "neurons")
+    }
+    counts["heads"] = {
+        g.name: keeps[g.name].nonzero().flatten().tolist() for g in groups if g.kind == "heads"
+    }
+    return counts
 
 
 def _blocks(model: nn.Module) -> nn.Module:

@@ -100,6 +100,7 @@ def _digits(img_size: int, seed: int) -> DataBundle:
         in_chans=1,
         img_size=img_size,
         patch_size=4,
+        in_memory=True,
     )
 
 
@@ -113,4 +114,6 @@ def _synthetic(img_size: int, seed: int, classes: int = 10) -> DataBundle:
         images = templates[labels] + 0.5 * torch.randn(n, 3, img_size, img_size, generator=g)
         return TensorImages(images, labels, img_size, shift=0)
 
-    return DataBundle("synthetic", make(256), make(64), classes, 3, img_size, patch_size=8)
+    return DataBundle(
+        "synthetic", make(256), make(64), classes, 3, img_size, patch_size=8, in_memory=True
+    )

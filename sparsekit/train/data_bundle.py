@@ -24,3 +24,4 @@ class DataBundle:
     # Symbolic links not followed, as "train/cat/up -> /abs/target (loop)"; the reason is
     # 'loop', 'duplicate', 'dangling' or 'points outside train/' (or val/).
     skipped_links: list[str] = field(default_factory=list)
+    in_memory: bool = False  # tensors held in memory: loader workers would only add overhead

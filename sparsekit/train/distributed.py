@@ -10,12 +10,10 @@ global batch. Decisions (masks, heads, tokens) are identical on every rank by co
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
 from sparsekit.errors import SparsekitError
 
@@ -92,24 +90,3 @@ def share_of(batch_size: int, ranks: Ranks) -> int:
             f"{ranks.world} (e.g. --batch-size {batch_size - batch_size % ranks.world or ranks.world})."
         )
     return batch_size // ranks.world
-
-
-class ShardedBatchSampler(Sampler[list[int]]):
-    """Batches of indices for one rank: the r-th equal share of each global batch of a seeded
-    permutation (the permutation `RandomSampler` draws from the same generator). The last,
-    partial global batch is dropped so that every rank holds the same number of samples."""
-
-    def __init__(self, size: int, global_batch: int, ranks: Ranks, generator: torch.Generator):
-        self.size, self.global_batch, self.ranks = size, global_batch, ranks
-        self.generator = generator
-        self.share = share_of(global_batch, ranks)
-
-    def __len__(self) -> int:
-        return self.size // self.global_batch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.size, generator=self.generator)
-        start = self.ranks.rank * self.share
-        for i in range(len(self)):
-            batch = order[i * self.global_batch : (i + 1) * self.global_batch]
-            yield batch[start : start + self.share].tolist()

@@ -34,6 +34,12 @@ def summarize(
         "val_acc": last.get("val_acc", math.nan),
         "val_loss": last.get("val_loss", math.nan),
         "best_val_acc": max((e["val_acc"] for e in epochs), default=math.nan),
+        # training.ema: the moving average's accuracy at the last epoch
+        **(
+            {"ema_val_acc": last["ema_val_acc"], "ema_val_loss": last["ema_val_loss"]}
+            if "ema_val_acc" in last
+            else {}
+        ),
         "updates": sum(1 for r in records if r.get("event") == "mask_update"),
         "time_s": last.get("time_s", 0.0),
         "sparsity": sparsity_report(model, session.masks()),
@@ -73,6 +79,8 @@ def summary_table(summary: dict[str, Any], out: Path) -> Table:
         ("val accuracy (final)", f"{summary['val_acc']:.4f}"),
         ("val accuracy (best)", f"{summary['best_val_acc']:.4f}"),
     ]
+    if "ema_val_acc" in summary:
+        rows.append(("EMA val accuracy (final)", f"{summary['ema_val_acc']:.4f}"))
     if sp["masked_params"]:
         rows.append(
             (

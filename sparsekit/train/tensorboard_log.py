@@ -28,6 +28,8 @@ EPOCH_TAGS = {
     "train/acc": "train_acc",
     "val/loss": "val_loss",
     "val/acc": "val_acc",
+    "val/ema_loss": "ema_val_loss",  # training.ema only
+    "val/ema_acc": "ema_val_acc",
     "lr": "lr",
     "sparsity": "sparsity",
 }

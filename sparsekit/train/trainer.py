@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -29,12 +30,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from sparsekit.analysis.sparsity import global_sparsity, layer_sparsity
 from sparsekit.compiler import compile_recipe
 from sparsekit.errors import DataError, SparsekitError, UsageError, user_message
-from sparsekit.hashing import recipe_sha256
+from sparsekit.hashing import recipe_sha256, tensors_sha256
+from sparsekit.init_from import (
+    check_resumed_start,
+    check_start_options,
+    export_name,
+    read_start,
+    run_config,
+    start_phases,
+    start_record,
+)
 from sparsekit.models import MODEL_ARG_BOUNDS, ModelSpec, create_model, resolve_model_name
 from sparsekit.modifiers import Modifier
 from sparsekit.modifiers.schedules import warmup_cosine_lr
@@ -68,15 +78,21 @@ from sparsekit.surgery.global_noise import GlobalBatchNoise
 from sparsekit.timeline import Timeline
 from sparsekit.train.data import build_data
 from sparsekit.train.data_bundle import DataBundle
+from sparsekit.train.distillation import prepare_distillation
 from sparsekit.train.distributed import (
     Ranks,
-    ShardedBatchSampler,
     join,
     launched_as_main,
     leave,
+    share_of,
     sum_over_ranks,
 )
+from sparsekit.train.ema import SparseEma
+from sparsekit.train.epoch_order import EpochOrder
+from sparsekit.train.loss import TrainingLoss, class_logits, make_loss
+from sparsekit.train.mixing import BatchMixing
 from sparsekit.train.nonfinite import NonFiniteLosses
+from sparsekit.train.seeded_samples import SeededSamples
 from sparsekit.train.summary import summarize, summary_table
 from sparsekit.train.tensorboard_log import TensorBoardLog, require_tensorboard
 from sparsekit.train.transforms import folder_transforms
@@ -89,15 +105,16 @@ MAX_WORKERS = 256  # data loader processes; more is a typo, and each one is a pr
 class RunConfig:
     """What `sparsekit apply` was asked to do, besides the recipe."""
 
-    model: str
+    model: str | None = None  # None with init_from: the export's model
     data: str = "digits"
     output: Path | None = None
     img_size: int | None = None
     patch_size: int | None = None
     pretrained: bool = False
     checkpoint: Path | None = None
+    init_from: Path | None = None  # a sparsekit export the run starts from (init_from.py)
     device: str = "auto"
-    workers: int = 0
+    workers: int | None = None  # None: `loader_workers` decides (0 for in-memory data)
     resume: bool = False
     stop_after_epoch: int | None = None
     bad_images: str = "refuse"  # image folders: refuse or skip unreadable images
@@ -121,15 +138,19 @@ class Run:
     trained: nn.Module  # what runs forward and backward: the model, or DDP around it
     loader: DataLoader
     val_loader: DataLoader
-    sampler_gen: torch.Generator  # reseeded every epoch: the order depends on (seed, epoch) only
+    order: EpochOrder  # the training order: it depends on (seed, epoch) only
+    mixing: BatchMixing | None  # mixup and cutmix (the recipe's data section), or None
     modifiers: list[Modifier]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    criterion: nn.Module
+    criterion: TrainingLoss  # loss(images, outputs, targets): train/loss.py
     session: Session
     amp_dtype: torch.dtype | None
     best: tuple[int, float] | None = None  # (epoch, val_acc) of checkpoint-best.pt, once saved
+    ema: SparseEma | None = None  # training.ema: the weights' moving average (train/ema.py)
+    start: dict[str, str] | None = None  # --init-from: the export's path and hash
+    teacher_sha256: str | None = None  # training.distillation: the teacher's weights, hashed
 
     @property
     def training(self) -> Training:
@@ -139,7 +160,8 @@ class Run:
 def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dict[str, Any]:
     """Train `run.model` under `recipe`; return the summary that is also written to disk.
     The process that writes the run folder (rank 0) owns it for the whole run."""
-    out = run.output or Path("runs") / f"{recipe.name}-{run.model}"
+    named = run.model or (export_name(run.init_from) if run.init_from else None)
+    out = run.output or Path("runs") / f"{recipe.name}-{named}"
     _check_run_options(run)
     _check_output(out, run.resume)
     if run.tensorboard:
@@ -164,9 +186,10 @@ def _train(recipe: Recipe, config: RunConfig, out: Path, console: Console) -> di
             sums, train_time = train_epoch(run, epoch, losses, progress)
             run.session.epoch_end()
             metrics = epoch_metrics(run, epoch, sums, train_time, started)
+            ema = f"  ema acc {metrics['ema_val_acc']:.4f}" if "ema_val_acc" in metrics else ""
             console.print(
                 f"epoch {epoch + 1}/{epochs}  train loss {metrics['train_loss']:.3f}  "
-                f"val acc {metrics['val_acc']:.4f}  sparsity {metrics['sparsity']:.4f}"
+                f"val acc {metrics['val_acc']:.4f}{ema}  sparsity {metrics['sparsity']:.4f}"
             )
             save_epoch(run, metrics, board)
 
@@ -191,6 +214,9 @@ def build_run(
     """Data, model, loaders, the recipe's phases, optimizer, schedule, session, DDP and mixed
     precision, in the order that draws the same random numbers in every run."""
     cfg = recipe.training
+    start = read_start(config.init_from) if config.init_from else None  # draws no random numbers
+    if start is not None:
+        config = run_config(config, start)  # the export's model, image and patch size
     torch.manual_seed(cfg.seed)
     data = build_data(
         config.data,
@@ -208,16 +234,42 @@ def build_run(
         note=lambda line: console.print(f"note: {line}", highlight=False),
     ).to(device)
     GlobalBatchNoise(model)  # drop-path and dropout noise: any number of processes draws alike
-    sampler_gen = torch.Generator()
-    loader, val_loader = make_loaders(
-        data, cfg.batch_size, config.workers, ranks, device, sampler_gen
+    # training.distillation: DeiT's fixed teacher from a local file (none without it)
+    teacher = prepare_distillation(
+        cfg.distillation,
+        model,
+        data,
+        device,
+        note=lambda line: console.print(f"note: {line}", highlight=False),
     )
+    mixing = make_mixing(recipe, data, ranks)
+    order = EpochOrder(
+        len(data.train),
+        cfg.batch_size,
+        ranks,
+        cfg.seed,
+        repeats=recipe.data.repeated_aug,
+        drop_last=mixing is not None,  # images are mixed in pairs: no odd last batch
+    )
+    workers = loader_workers(config.workers, data)
+    loader, val_loader = make_loaders(data, order, cfg.batch_size, workers, device, ranks)
 
     timeline = Timeline(cfg.epochs, len(loader))
     # Compile first: a phase may add parameters (token scorers) that the optimizer must train.
     modifiers = compile_recipe(recipe, model, timeline)
+    if start is not None:  # the phases start from the export; its weights are loaded
+        start_phases(modifiers, model, start, lambda line: console.print(f"note: {line}"))
     for note in cadence_notes(recipe, timeline):
         console.print(f"note: {note}", highlight=False)
+    share = share_of(cfg.batch_size, ranks)
+    if ranks.world > 1 and share % cfg.accumulate:
+        console.print(
+            f"note: training.accumulate {cfg.accumulate} does not divide each process's "
+            f"{share} images: the run is sound, but its drop-path, dropout and Gumbel noise "
+            "fall on other images than in a single-process run, so its decisions differ; make "
+            f"batch_size a multiple of {ranks.world * cfg.accumulate} to keep them.",
+            highlight=False,
+        )
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, timeline)
     session = Session(model, optimizer, modifiers, timeline)
@@ -252,14 +304,19 @@ def build_run(
         trained=trained,
         loader=loader,
         val_loader=val_loader,
-        sampler_gen=sampler_gen,
+        order=order,
+        mixing=mixing,
         modifiers=modifiers,
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        criterion=make_loss(cfg, soft_targets=mixing is not None, teacher=teacher),
         session=session,
         amp_dtype=amp_dtype,
+        # After DDP, which gives every rank rank 0's weights: the average starts from those.
+        ema=SparseEma(cfg.ema, model, timeline) if cfg.ema else None,
+        start=start_record(start) if start is not None else None,
+        teacher_sha256=tensors_sha256(teacher.state_dict()) if teacher is not None else None,
     )
 
 
@@ -267,7 +324,7 @@ def train_epoch(
     run: Run, epoch: int, losses: NonFiniteLosses, progress: Progress
 ) -> tuple[DeviceSums, float]:
     """One pass over the training data; returns its sums and how long it trained."""
-    run.sampler_gen.manual_seed(run.training.seed * 100_003 + epoch)
+    run.order.set_epoch(epoch)
     run.model.train()
     steps = len(run.loader)
     task = progress.add_task(f"epoch {epoch + 1}/{run.training.epochs}", total=steps, info="")
@@ -298,18 +355,21 @@ def train_step(
     labels = labels.to(run.device, non_blocking=True)
     session, optimizer, scaler = run.session, run.optimizer, run.scaler
     session.batch_start()
+    targets = labels
+    if run.mixing is not None:  # soft targets; accuracy stays measured on the labels
+        images, targets = run.mixing(images, labels, session.step)
     if run.training.accumulate > 1:
-        loss = accumulate_gradients(run, images, labels, sums)
+        loss = accumulate_gradients(run, images, targets, labels, sums)
         losses.skips(loss, session.step, epoch)  # `stop` only (the recipe checks): never skips
     else:
         with _out_of_memory_said(run, len(labels)), _autocast(run):
-            logits = run.trained(images)
-            loss = run.criterion(logits, labels)
+            outputs = run.trained(images)
+            loss = run.criterion(images, outputs, targets)
         if losses.skips(loss, session.step, epoch):
             skip_step(run)
             return
         scaler.scale(loss).backward()
-        sums.add(loss.detach().double() * len(labels), logits, labels)
+        sums.add(loss.detach().double() * len(labels), class_logits(outputs), labels)
     scaler.unscale_(optimizer)
     session.before_optimizer_step()
     if run.training.grad_clip:
@@ -318,30 +378,43 @@ def train_step(
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     session.after_optimizer_step()
+    if run.ema is not None:  # after the masks are applied; a skipped step never gets here
+        run.ema.update(run.model, session)
     run.scheduler.step()
 
 
 def accumulate_gradients(
-    run: Run, images: torch.Tensor, labels: torch.Tensor, sums: DeviceSums
+    run: Run,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    labels: torch.Tensor,
+    sums: DeviceSums,
 ) -> torch.Tensor:
     """Forward and backward of this process's batch in `training.accumulate` micro-batches,
     each loss weighted by its share of the batch, so the summed gradient is the whole batch's;
-    DDP all-reduces once, after the last. Returns the batch's loss (on the device)."""
+    DDP all-reduces once, after the last. Returns the batch's loss (on the device).
+
+    Micro-batch k holds every count-th image from the k-th: with every process's share cut so,
+    micro-batch k of all processes together is micro-batch k of one process holding the whole
+    batch, in the same row order, so stochastic depth, dropout and Gumbel noise (drawn for the
+    global batch's rows, `GlobalBatchNoise`) fall on the same images at any number of
+    processes (when `accumulate` divides each process's share)."""
     count = run.training.accumulate
-    parts = list(zip(images.chunk(count), labels.chunk(count), strict=True))
+    parts = [(images[k::count], targets[k::count], labels[k::count]) for k in range(count)]
+    parts = [part for part in parts if len(part[2])]
     total = torch.zeros((), device=run.device)
-    for index, (x, y) in enumerate(parts):
+    for index, (x, t, y) in enumerate(parts):
         last = index == len(parts) - 1
         sync = (
             contextlib.nullcontext() if last or run.trained is run.model else run.trained.no_sync()
         )
         with sync, _out_of_memory_said(run, len(x)):
             with _autocast(run):
-                logits = run.trained(x)
-                loss = run.criterion(logits, y) * (len(y) / len(labels))
+                outputs = run.trained(x)
+                loss = run.criterion(x, outputs, t) * (len(y) / len(labels))
             run.scaler.scale(loss).backward()
         total = total + loss.detach().float()
-        sums.add(loss.detach().double() * len(labels), logits, y)
+        sums.add(loss.detach().double() * len(labels), class_logits(outputs), y)
     return total
 
 
@@ -384,6 +457,13 @@ def epoch_metrics(
     val_loss, val_acc = evaluate(
         run.model, _batches(run.val_loader, epoch), run.device, run.amp_dtype
     )
+    ema: dict[str, float] = {}
+    if run.ema is not None:  # in the live model: its session's masks and gates apply
+        with run.ema.swapped_in(run.model):
+            ema_loss, ema_acc = evaluate(
+                run.model, _batches(run.val_loader, epoch), run.device, run.amp_dtype
+            )
+        ema = {"ema_val_loss": ema_loss, "ema_val_acc": ema_acc}
     session = run.session
     return {
         "epoch": epoch + 1,
@@ -392,6 +472,7 @@ def epoch_metrics(
         "train_acc": correct / seen if seen else math.nan,
         "val_loss": val_loss,
         "val_acc": val_acc,
+        **ema,
         "lr": run.scheduler.get_last_lr()[0],
         "sparsity": global_sparsity(session.masks()),
         "layer_sparsity": layer_sparsity(session.masks(), session.unit_masks()),
@@ -416,6 +497,7 @@ def save_epoch(run: Run, metrics: dict[str, Any], board: TensorBoardLog) -> None
         "epoch": metrics["epoch"],
         "steps_per_epoch": len(run.loader),
         "model": run.model.state_dict(),
+        **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
@@ -423,6 +505,7 @@ def save_epoch(run: Run, metrics: dict[str, Any], board: TensorBoardLog) -> None
         "rng": capture_rng(),
         "elapsed_s": metrics["time_s"],
         "recipe_sha256": recipe_sha256(run.recipe_yaml),  # recipe.yaml's text: export checks it
+        **({"teacher_sha256": run.teacher_sha256} if run.teacher_sha256 else {}),
     }
     best = is_better(metrics["val_acc"], run.best)
     if best:
@@ -458,7 +541,14 @@ def finish(run: Run) -> dict[str, Any]:
 def start_run_folder(run: Run) -> tuple[int, float]:
     """A new run's files (written by rank 0); it starts at epoch 0, with no time trained."""
     if run.ranks.main:
-        start_records(run.out, run.recipe_yaml, run.spec, run.data.name, run.config.device)
+        start_records(
+            run.out,
+            run.recipe_yaml,
+            run.spec,
+            run.data.name,
+            run.config.device,
+            init_from=run.start,
+        )
         if any(m.config.wants_validation_samples for m in run.modifiers):  # the token map
             save_samples(run.out, run.data.val)
     return 0, 0.0
@@ -480,6 +570,7 @@ def resume(run: Run) -> tuple[int, float]:
             f"--resume: {out} was trained with model {saved_model}, not {asdict(run.spec)}. Use "
             "the same --model, --data, --img-size and --patch-size."
         )
+    check_resumed_start(read_run_json(out).init_from, run.start, out)
     ckpt = read_checkpoint(out, saved_recipe)
     try:
         run.model.load_state_dict(ckpt["model"])
@@ -487,6 +578,8 @@ def resume(run: Run) -> tuple[int, float]:
         run.scheduler.load_state_dict(ckpt["scheduler"])
         run.scaler.load_state_dict(ckpt["scaler"])
         run.session.load_state_dict(ckpt["session"])
+        if run.ema is not None:
+            run.ema.load_state_dict(ckpt["ema"])
         restore_rng(ckpt["rng"])
     except STATE_MISMATCH as err:
         raise SparsekitError(
@@ -494,6 +587,13 @@ def resume(run: Run) -> tuple[int, float]:
             f"({str(err).splitlines()[0][:200]}); it was written for another model or recipe. "
             "Resume with the options the run started with, or start a new --output folder."
         ) from None
+    if ckpt.get("teacher_sha256") != run.teacher_sha256:
+        raise SparsekitError(
+            f"--resume: the teacher's weights ({run.recipe.training.distillation.teacher_weights})"
+            " are not those the run was trained with (their hash differs from the one in "
+            f"{out}/{CHECKPOINT_FILE}). Resume with the teacher file the run started with, or "
+            "start a new --output folder."
+        )
     epoch = int(ckpt["epoch"])
     steps_per_epoch = run.session.timeline.steps_per_epoch
     if ckpt["steps_per_epoch"] != steps_per_epoch:
@@ -571,28 +671,69 @@ class ProgressLine:
 
 def make_loaders(
     data: DataBundle,
+    order: EpochOrder,
     batch_size: int,
     workers: int,
-    ranks: Ranks,
     device: torch.device,
-    sampler_gen: torch.Generator,
+    ranks: Ranks,
 ) -> tuple[DataLoader, DataLoader]:
-    """The training loader (one seeded order, each rank its share of every global batch) and
-    this rank's share of the validation set."""
-    if ranks.world == 1:
-        batches: dict[str, Any] = {
-            "batch_size": batch_size,
-            "sampler": RandomSampler(data.train, generator=sampler_gen),
-        }
-    else:
-        sampler = ShardedBatchSampler(len(data.train), batch_size, ranks, sampler_gen)
-        batches = {"batch_sampler": sampler}
+    """The training loader (`order`'s batches, each image augmented under its own key) and
+    this rank's share of the validation set. Workers persist across epochs; the loader's own
+    generator (for the workers' base seed, which keyed samples do not use) is private, so
+    that starting workers draws nothing from torch's global one (dropout, drop-path)."""
+    persist = {"persistent_workers": True} if workers else {}
     loader = DataLoader(
-        data.train, **batches, num_workers=workers, pin_memory=device.type == "cuda"
+        SeededSamples(data.train, order.seed),
+        batch_sampler=order,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+        **persist,
     )
     val = Subset(data.val, range(ranks.rank, len(data.val), ranks.world))
-    val_loader = DataLoader(val, batch_size=max(batch_size, 256), num_workers=workers)
+    val_loader = DataLoader(
+        val,
+        batch_size=max(batch_size, 256),
+        num_workers=workers,
+        generator=torch.Generator(),
+        **persist,
+    )
     return loader, val_loader
+
+
+def loader_workers(asked: int | None, data: DataBundle) -> int:
+    """`--workers`, or by default: none for data held in memory (digits, synthetic), else one
+    process per core this training process can count as its own, less one for itself (at most
+    8; at least 1)."""
+    if asked is not None:
+        return asked
+    if data.in_memory:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_process = (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, per_process - 1))
+
+
+def make_mixing(recipe: Recipe, data: DataBundle, ranks: Ranks) -> BatchMixing | None:
+    """Mixup and cutmix as the recipe's data section asks (None: off), checked first against
+    the batch: images are mixed in pairs, so each process's share must be even."""
+    if not recipe.data.mixes:
+        return None
+    share = share_of(recipe.training.batch_size, ranks)
+    if share % 2:
+        raise SparsekitError(
+            f"data.mixup/cutmix: each of the {ranks.world} process(es) trains on "
+            f"{share} images of every batch of training.batch_size {recipe.training.batch_size}, "
+            "but images are mixed in pairs, so the share must be even. Make batch_size a "
+            f"multiple of {2 * ranks.world}."
+        )
+    return BatchMixing(
+        recipe.data,
+        data.num_classes,
+        recipe.training.label_smoothing,
+        recipe.training.seed,
+        first_position=ranks.rank * share,
+    )
 
 
 def make_scheduler(
@@ -708,6 +849,7 @@ def _check_output(out: Path, resume: bool) -> None:
 def _check_run_options(run: RunConfig) -> None:
     """Options that can never work are usage errors (exit code 2), found before anything is
     built; the command line checks the same bounds, this covers callers of `train`."""
+    check_start_options(run)  # --model or --init-from, and what --init-from excludes
     for option, value, least in (
         ("--img-size", run.img_size, 1),
         ("--patch-size", run.patch_size, 1),
@@ -722,7 +864,7 @@ def _check_run_options(run: RunConfig) -> None:
     ):
         if value is not None and value > MODEL_ARG_BOUNDS[key][1]:
             raise UsageError(f"{option} {value}: at most {MODEL_ARG_BOUNDS[key][1]}.")
-    if run.workers > MAX_WORKERS:
+    if run.workers is not None and run.workers > MAX_WORKERS:
         raise UsageError(f"--workers {run.workers}: at most {MAX_WORKERS} worker processes.")
     if run.img_size and run.patch_size and run.patch_size > run.img_size:
         raise UsageError(

@@ -49,6 +49,7 @@ def folder_transforms(
             "Write it as timm does, e.g. rand-m9-mstd0.5-inc1 (RandAugment, magnitude 9), "
             "augmix-m5-w4-d2, or original; or set it to null."
         ) from None
+    _posterize_to_black_at_zero_bits(train)
     # Evaluation resizes one way: "random" (a training-time choice) evaluates bicubic, as DeiT.
     eval_interpolation = "bicubic" if settings["interpolation"] == "random" else None
     val = create_transform(
@@ -60,3 +61,28 @@ def folder_transforms(
         crop_pct=settings["crop_pct"],
     )
     return train, val, settings
+
+
+def _posterize_to_black_at_zero_bits(transform: Callable) -> None:
+    """timm's posterize with 0 bits kept, which RandAugment's increasing posterize reaches at
+    its top magnitude (rand-m9-mstd0.5-inc1 does, now and then): Pillow up to 12 gave a black
+    image, Pillow 13 raises ValueError, which would stop a run mid-epoch. Give the black image,
+    as timm and the reference trained with."""
+    from timm.data import auto_augment
+
+    for step in getattr(transform, "transforms", []):
+        ops = list(getattr(step, "ops", []))
+        ops += [op for policy in getattr(step, "policy", []) for op in policy]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, black at 0 bits (a module function: workers started by spawn
+    unpickle the transforms)."""
+    from timm.data import auto_augment
+
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)

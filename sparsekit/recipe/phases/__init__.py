@@ -8,6 +8,7 @@ from pydantic import Field
 
 from sparsekit.recipe.phases.base import PhaseConfig, WindowedPhase
 from sparsekit.recipe.phases.dense_warmup import DenseWarmupPhase
+from sparsekit.recipe.phases.fixed_sparsity import FixedSparsityPhase
 from sparsekit.recipe.phases.head_prune_grow import HeadPruneGrowPhase
 from sparsekit.recipe.phases.magnitude_prune import MagnitudePrunePhase
 from sparsekit.recipe.phases.token_select import TokenPlacement, TokenSelectPhase
@@ -19,6 +20,7 @@ PHASES: tuple[type[PhaseConfig], ...] = (
     MagnitudePrunePhase,
     HeadPruneGrowPhase,
     TokenSelectPhase,
+    FixedSparsityPhase,
 )
 Phase = Annotated[Union[PHASES], Field(discriminator="kind")]  # noqa: UP007 (built from a tuple)
 PHASE_KINDS: tuple[str, ...] = tuple(p.kind_name() for p in PHASES)
@@ -27,6 +29,7 @@ __all__ = [
     "PHASES",
     "PHASE_KINDS",
     "DenseWarmupPhase",
+    "FixedSparsityPhase",
     "HeadPruneGrowPhase",
     "MagnitudePrunePhase",
     "Phase",
