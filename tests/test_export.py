@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import train_step
 from rich.console import Console
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import sparsekit.export.writer as writer
@@ -133,7 +133,7 @@ def test_export_folder_holds_manifest_recipe_and_tensors(run_dir: Path, tmp_path
     manifest = export_run(run_dir, tmp_path / "e")
     files = sorted(p.name for p in (tmp_path / "e").iterdir())
     assert files == ["config.json", "model.safetensors", "recipe.yaml"]
-    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    config = json.loads((tmp_path / "e" / "config.json").read_text())["sparsekit"]
     assert config["model"] == "deit_tiny_patch16_224" and config["compact"] is True
     assert config["blocks"][0]["heads"] == manifest.blocks[0].heads
     assert (tmp_path / "e" / "recipe.yaml").read_text() == (run_dir / "recipe.yaml").read_text()
@@ -300,7 +300,8 @@ def rewrite(file: Path, edit, rehash: bool = False, indent: int | None = None) -
     if rehash:
         record["sha256"] = export_sha256(Manifest.model_validate(record), tensors)
     out = file.parent / "edited.safetensors"
-    save_file(tensors, out, {"sparsekit": json.dumps(record, indent=indent)})
+    stored = load_file(file)  # as written: compressed tensors stay compressed
+    save_file(stored, out, {"sparsekit": json.dumps(record, indent=indent)})
     return out
 
 
@@ -343,7 +344,7 @@ def test_the_hash_ignores_layout_and_config_json(tmp_path) -> None:
         (file.parent / "config.json").write_text('{"model": "nope_model"}')  # for people only
         assert torch.equal(load_compact(file.parent)(x), expected)
     manifest, _ = read_export(file)
-    assert manifest.format_version == FORMAT_VERSION == 2
+    assert manifest.format_version == FORMAT_VERSION == 3
     assert json.loads((file.parent / "recipe.yaml").read_text() or "null") is None
 
 
@@ -353,7 +354,9 @@ def test_format_1_export_is_refused_by_name(tmp_path) -> None:
     del record["sha256"]
     record.update(format_version=1, tensors_sha256=tensors_sha256(tensors))
     save_file(tensors, tmp_path / "old.safetensors", {"sparsekit": json.dumps(record)})
-    with pytest.raises(SparsekitError, match="is export format 1; this sparsekit reads format 2"):
+    with pytest.raises(
+        SparsekitError, match="is export format 1; this sparsekit reads formats 2 and 3"
+    ):
         load_compact(tmp_path / "old.safetensors")
 
 

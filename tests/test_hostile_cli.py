@@ -217,6 +217,38 @@ def test_hostile_export_inspect_report_recipe_arguments(
         ),
         st.builds(lambda runs, out: ["report", *runs, "-o", out], st.lists(path, max_size=3), path),
         st.builds(
+            lambda target, extra: ["bench", target, "--iters", "1", "--warmup", "0", *extra],
+            path,
+            st.lists(
+                st.sampled_from(
+                    [
+                        "--batch-size",
+                        "0",
+                        "1",
+                        "-3",
+                        "99999",
+                        "--dtype",
+                        "float16",
+                        "x",
+                        "--threads",
+                        "--no-onnx",
+                        "--json",
+                        "--device",
+                        "meta",
+                    ]
+                ),
+                max_size=4,
+            ),  # fmt: skip
+        ),
+        st.builds(
+            lambda target, data, extra: ["eval", target, "--data", data, *extra],
+            path,
+            path,
+            st.lists(
+                st.sampled_from(["--batch-size", "0", "2", "--json", "--workers"]), max_size=3
+            ),
+        ),
+        st.builds(
             lambda sub, file, extra: ["recipe", sub, file, *extra],
             st.sampled_from(["validate", "show"]),
             path,
@@ -340,8 +372,8 @@ def damage_export(folder: Path, how: str, data, seed: int) -> None:
             if not keys:
                 break
             key = rng.choice(keys)
-            if not isinstance(node[key], dict | list) or rng.random() < 0.4:
-                break
+            if not isinstance(node[key], dict | list) or not node[key] or rng.random() < 0.4:
+                break  # an empty container is a field to damage, not one to walk into
             node = node[key]
         if key is not None:
             if how == "manifest-drop":
@@ -377,7 +409,7 @@ def test_damaged_exports(good: dict[str, Path], tmp_path_factory) -> None:
         ),  # fmt: skip
         data=json_values,
         seed=st.integers(0, 2**32 - 1),
-        command=st.sampled_from(["inspect", "replace"]),
+        command=st.sampled_from(["inspect", "replace", "bench"]),
     )
     def attempt(how: str, data, seed: int, command: str) -> None:
         folder = tmp / "export"
@@ -387,6 +419,7 @@ def test_damaged_exports(good: dict[str, Path], tmp_path_factory) -> None:
         args = {
             "inspect": ["inspect", str(folder)],
             "replace": ["export", str(good["run"]), "-o", str(folder)],  # over a damaged one
+            "bench": ["bench", str(folder), "--batch-size", "1", "--iters", "1", "--no-onnx"],
         }[command]
         check(args, f"damaged export, {command}")
 

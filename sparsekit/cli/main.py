@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from sparsekit.cli import apply as apply_cmd
+from sparsekit.cli import bench as bench_cmd
+from sparsekit.cli import evaluate as evaluate_cmd
 from sparsekit.cli import export as export_cmd
 from sparsekit.cli import inspect as inspect_cmd
 from sparsekit.cli import recipe as recipe_cmd
@@ -21,6 +23,8 @@ app.command("apply")(apply_cmd.apply)
 app.command("export")(export_cmd.export)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("report")(report_cmd.report)
+app.command("bench")(bench_cmd.bench)
+app.command("eval")(evaluate_cmd.evaluate)
 app.add_typer(recipe_cmd.app, name="recipe")
 
 

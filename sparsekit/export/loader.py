@@ -13,7 +13,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from sparsekit.errors import SparsekitError
-from sparsekit.export.manifest import FORMAT_VERSION, METADATA_KEY, Manifest, export_sha256
+from sparsekit.export.manifest import METADATA_KEY, READABLE_VERSIONS, Manifest, export_sha256
+from sparsekit.export.sparse_storage import unpack
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.surgery.compact import shrink_
 from sparsekit.surgery.tokens import Placement, TokenSelection
@@ -25,7 +26,8 @@ def read_export(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
 
     Raises:
         SparsekitError: missing, truncated or corrupt file, not a sparsekit export, another
-            format version, or a manifest or tensors that do not match the hash in the metadata.
+            format version, a damaged compressed tensor, or a manifest or tensors that do not
+            match the hash in the metadata (computed over the tensors as expanded).
     """
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
@@ -57,6 +59,7 @@ def read_export(path: str | Path) -> tuple[Manifest, dict[str, torch.Tensor]]:
             f"{file}: its sparsekit manifest is malformed ({err.errors()[0]['msg']} at "
             f"{'.'.join(str(p) for p in err.errors()[0]['loc'])}); export it again."
         ) from None
+    tensors = unpack(file, tensors, manifest.compressed)  # compressed tensors expanded, checked
     if export_sha256(manifest, tensors) != manifest.sha256:
         raise SparsekitError(
             f"{file}: its manifest or tensors do not match the hash recorded when it was "
@@ -77,24 +80,34 @@ def _check_version(file: Path, raw: str) -> None:
     if not isinstance(record, dict) or "format_version" not in record:
         return
     version = record["format_version"]
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         wrote = record.get("sparsekit_version")
         wrote = wrote if isinstance(wrote, str) and len(wrote) <= 64 else "unknown"
         raise SparsekitError(
-            f"{file} is export format {str(version)[:20]}; this sparsekit reads format "
-            f"{FORMAT_VERSION}. Use the sparsekit version that wrote it ({wrote}) or export it "
-            "again."
+            f"{file} is export format {str(version)[:20]}; this sparsekit reads formats "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}. Use the sparsekit version that wrote "
+            f"it ({wrote}) or export it again."
         )
 
 
-def load_compact(path: str | Path) -> nn.Module:
+def load_compact(path: str | Path, accelerate: bool | str = False) -> nn.Module:
     """Rebuild the exported model (compacted or masked) as a plain timm model in eval mode.
 
+    With `accelerate` (True: float16, or "float16" / "bfloat16") the model is put on CUDA in
+    that dtype and its 2:4 layers (the manifest's `nm_layers`, checked on the weights) become
+    semi-structured sparse tensors (`export/accelerate.py`); it then runs inference only.
+
     Raises:
-        SparsekitError: see `read_export`; also a manifest that does not fit its tensors.
+        SparsekitError: see `read_export`; also a manifest that does not fit its tensors, and
+            with `accelerate` no CUDA GPU of compute capability 8.0+, or no 2:4 layer to convert.
     """
     manifest, tensors = read_export(path)
-    return built_export(path, manifest, tensors)
+    model = built_export(path, manifest, tensors)
+    if accelerate:
+        from sparsekit.export.accelerate import accelerated
+
+        model = accelerated(model, manifest.nm_layers, str(path), accelerate)
+    return model
 
 
 def built_export(

@@ -1,5 +1,6 @@
 """What an export says about itself: stored as JSON in the safetensors metadata (authoritative)
-and copied to `config.json` for people. Tensors only, no pickles, no code.
+and copied to `config.json` (under `sparsekit`, beside timm's own fields) for people and tools.
+Tensors only, no pickles, no code.
 
 One SHA-256 (`sha256`) covers the manifest and the tensors together, so that editing either
 after export is detected. It is an integrity check, not a signature: whoever can edit the file
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,14 +20,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from sparsekit.hashing import tensors_sha256
 from sparsekit.models import MAX_MLP_RATIO, MAX_STR_LEN, MODEL_ARG_BOUNDS
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Versions this sparsekit reads: format 2 (all tensors dense, no preprocessing) loads as it was.
+READABLE_VERSIONS = (2, 3)
 METADATA_KEY = "sparsekit"
+# Fields added after format 2, left out of the hash while at their defaults (empty or null), so
+# that a format-2 export keeps the hash it was written with.
+ADDED_FIELDS = ("compressed", "preprocessing", "nm_layers")
 
 MAX_BLOCKS = MODEL_ARG_BOUNDS["depth"][1]
 MAX_HEADS = MODEL_ARG_BOUNDS["num_heads"][1]
 MAX_WIDTH = MODEL_ARG_BOUNDS["embed_dim"][1]
 MAX_MLP_HIDDEN = int(MAX_WIDTH * MAX_MLP_RATIO)
 SHA256 = r"^[0-9a-f]{64}$"
+NM_PATTERN = r"^[0-9]{1,3}:[0-9]{1,3}$"
 UNSEALED = "0" * 64  # the `sha256` of a manifest before `sealed` computes it
 
 
@@ -50,6 +57,29 @@ class TokenSelector(BaseModel):
     keep_ratio: float = Field(gt=0, le=1)
 
 
+class Preprocessing(BaseModel):
+    """How an image becomes the model's input at evaluation, in timm's data-config terms (what
+    `timm.data.create_transform(is_training=False, ...)` takes), and where that came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["image_folder", "digits", "synthetic", "given", "assumed"] = Field(
+        description="image_folder: the run's eval transform (recipe data section, the model's "
+        "pretrained config); digits / synthetic: sparsekit's built-in tensors (see docs); "
+        "given: passed to export_model; assumed: the model's pretrained config, unchecked."
+    )
+    input_size: tuple[
+        Annotated[int, Field(ge=1, le=1024)],
+        Annotated[int, Field(ge=1, le=8192)],
+        Annotated[int, Field(ge=1, le=8192)],
+    ]
+    interpolation: Literal["bilinear", "bicubic", "nearest"]
+    mean: list[Annotated[float, Field(ge=-10, le=10)]] = Field(min_length=1, max_length=1024)
+    std: list[Annotated[float, Field(gt=0, le=10)]] = Field(min_length=1, max_length=1024)
+    crop_pct: float = Field(gt=0, le=1)
+    crop_mode: Literal["center", "squash", "border"] = "center"
+
+
 class Manifest(BaseModel):
     """Everything `load_compact` needs to rebuild the model, and what it was made from."""
 
@@ -67,6 +97,25 @@ class Manifest(BaseModel):
         [], max_length=MAX_BLOCKS, description="Token selectors (their scorers are in the tensors)."
     )
     recipe_sha256: str | None = Field(None, pattern=SHA256)
+    compressed: dict[
+        Annotated[str, Field(max_length=1024)],
+        Annotated[list[Annotated[int, Field(ge=0, le=2**40)]], Field(max_length=8)],
+    ] = Field(
+        {},
+        max_length=100_000,
+        description="Tensors stored as values plus bitmask (sparse_storage.py), with their shapes.",
+    )
+    preprocessing: Preprocessing | None = Field(
+        None, description="The eval preprocessing; null in format 2 (then the model's own)."
+    )
+    nm_layers: dict[
+        Annotated[str, Field(max_length=MAX_STR_LEN)], Annotated[str, Field(pattern=NM_PATTERN)]
+    ] = Field(
+        {},
+        max_length=8 * MAX_BLOCKS + 2,
+        description="Linear layers whose weights hold N:M sparsity along their inputs, by module "
+        "name (checked on the tensors when exported; export/accelerate.py).",
+    )
     sha256: str = Field(
         pattern=SHA256,
         description="Hash of every other field of the manifest (canonical JSON) and of every "
@@ -78,6 +127,9 @@ def canonical_json(manifest: Manifest) -> bytes:
     """The manifest without its `sha256`, as JSON with sorted keys and no whitespace: the same
     bytes for the same content, however the stored text was laid out."""
     fields = json.loads(manifest.model_dump_json(exclude={"sha256"}))
+    for name in ADDED_FIELDS:
+        if fields.get(name) == Manifest.model_fields[name].get_default():
+            del fields[name]
     return json.dumps(
         fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode()

@@ -1,15 +1,17 @@
 """Write a trained model as safetensors: masked at full size, or compacted (pruned heads and
 neurons physically removed) so the FLOPs saving is a saving in time and memory.
 
-An export folder holds `model.safetensors` (tensors, plus the manifest in its metadata, under one
-hash with the tensors), `config.json` (the manifest, for people; never read back) and
-`recipe.yaml`. The files are written in a temporary folder beside the target and moved into
+An export folder holds `model.safetensors` (tensors, sparse ones compressed where that is
+smaller, plus the manifest in its metadata, under one hash with the tensors), `config.json`
+(timm's config with the preprocessing, and a copy of the manifest; sparsekit never reads it back)
+and `recipe.yaml`. The files are written in a temporary folder beside the target and moved into
 place one by one, each in a single rename: an interrupted export never leaves a half-written
 file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,6 +24,7 @@ from torch import nn
 from sparsekit.atomic import default_file_mode, remove_torn
 from sparsekit.errors import SparsekitError
 from sparsekit.exclusive import locked_folder, refuse_unless_ours
+from sparsekit.export.accelerate import nm_marks, recipe_patterns
 from sparsekit.export.baked import baked_model
 from sparsekit.export.manifest import (
     FORMAT_VERSION,
@@ -29,11 +32,20 @@ from sparsekit.export.manifest import (
     UNSEALED,
     BlockShape,
     Manifest,
+    Preprocessing,
     TokenSelector,
     sealed,
 )
+from sparsekit.export.preprocessing import (
+    assumed_preprocessing,
+    input_size,
+    run_preprocessing,
+    timm_config,
+)
+from sparsekit.export.sparse_storage import pack
 from sparsekit.hashing import recipe_sha256
 from sparsekit.models import ModelSpec
+from sparsekit.run_folder.records import read_run_json
 from sparsekit.run_folder.trained_run import open_run
 from sparsekit.surgery.tokens import Placement
 from sparsekit.version import __version__
@@ -51,6 +63,9 @@ def export_model(
     placements: list[Placement] | None = None,
     recipe_yaml: str | None = None,
     compact: bool = True,
+    storage: str = "auto",
+    preprocessing: Preprocessing | dict | None = None,
+    nm_patterns: list[str] | tuple[str, ...] = (),
 ) -> Manifest:
     """Rebuild `spec` with the trained `state`, bake the masks in, remove dropped units when
     `compact`, and write the export to `out`.
@@ -61,9 +76,24 @@ def export_model(
         masks: unstructured keep-masks by parameter name (`Session.masks()`).
         unit_masks: head and neuron keep-masks by block (`Session.unit_masks()`).
         placements: token selectors (`Session.token_placements()`).
+        storage: `auto` stores each sparse tensor as values plus bitmask when that is smaller
+            (sparse_storage.py); `dense` stores every tensor as it is (plain timm loads it).
+        preprocessing: the eval preprocessing your images had (`Preprocessing` or its fields:
+            mean, std, interpolation, crop_pct, ...); default: the model's pretrained config,
+            recorded as `assumed`.
+        nm_patterns: N:M patterns the masks were trained with ("2:4"); each masked Linear layer
+            whose mask and weights hold one is marked in the manifest's `nm_layers`.
     """
     model = baked_model(spec, state, masks, unit_masks, placements, compact)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    packed = pack(tensors, storage)
+    size = input_size(model)
+    if preprocessing is None:
+        preprocessing = assumed_preprocessing(spec.name, size)
+    elif isinstance(preprocessing, dict):
+        preprocessing = _given(preprocessing, size)
+    else:  # the model's own input size, whatever the record says
+        preprocessing = preprocessing.model_copy(update={"input_size": size})
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         sparsekit_version=__version__,
@@ -76,11 +106,29 @@ def export_model(
             for p in placements or []
         ],
         recipe_sha256=recipe_sha256(recipe_yaml) if recipe_yaml else None,
+        compressed=packed.compressed,
+        preprocessing=preprocessing,
+        nm_layers=nm_marks(model, masks or {}, nm_patterns),
         sha256=UNSEALED,
     )
-    manifest = sealed(manifest, tensors)  # one hash over the manifest and the tensors
-    _write(Path(out), tensors, manifest, recipe_yaml)
+    # One hash over the manifest and the tensors as they load (expanded).
+    manifest = sealed(manifest, packed.loaded)
+    _write(Path(out), packed.stored, manifest, recipe_yaml, timm_config(model, manifest))
     return manifest
+
+
+def _given(fields: dict, size: tuple[int, int, int]) -> Preprocessing:
+    """`export_model`'s `preprocessing` as fields, checked (input size: the model's)."""
+    from pydantic import ValidationError
+
+    try:
+        return Preprocessing.model_validate({**fields, "input_size": size, "source": "given"})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise SparsekitError(
+            f"preprocessing: {first['msg']} at {'.'.join(str(p) for p in first['loc'])}; give "
+            "timm's data-config fields (mean, std, interpolation, crop_pct, crop_mode)."
+        ) from None
 
 
 def block_shapes(model: nn.Module) -> list[BlockShape]:
@@ -111,7 +159,11 @@ def is_export(folder: Path) -> bool:
 
 
 def _write(
-    out: Path, tensors: dict[str, torch.Tensor], manifest: Manifest, recipe_yaml: str | None
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    manifest: Manifest,
+    recipe_yaml: str | None,
+    config: dict,
 ) -> None:
     refuse_unless_ours(
         out,
@@ -136,20 +188,24 @@ def _write(
 
     try:
         with locked_folder(out, busy, cannot):
-            _replace(out, tensors, manifest, recipe_yaml)
+            _replace(out, tensors, manifest, recipe_yaml, config)
     except OSError as err:
         raise SparsekitError(cannot(err.strerror or str(err))) from None
 
 
 def _replace(
-    out: Path, tensors: dict[str, torch.Tensor], manifest: Manifest, recipe_yaml: str | None
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    manifest: Manifest,
+    recipe_yaml: str | None,
+    config: dict,
 ) -> None:
     remove_torn(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         text = manifest.model_dump_json(indent=2)
         save_file(tensors, tmp / "model.safetensors", metadata={METADATA_KEY: text})
-        (tmp / "config.json").write_text(text + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "recipe.yaml").write_text(recipe_yaml or "", encoding="utf-8")
         for name in EXPORT_FILES:
             with open(tmp / name, "rb+") as f:
@@ -167,11 +223,16 @@ def export_run(
     compact: bool = True,
     best: bool = False,
     ema: bool = False,
+    storage: str = "auto",
 ) -> Manifest:
     """Export the last checkpoint of a `sparsekit apply` run folder, or with `best` its
     checkpoint-best.pt (the epoch of the best validation accuracy); with `ema`, the
-    checkpoint's moving average of the weights (training.ema), baked and compacted alike."""
+    checkpoint's moving average of the weights (training.ema), baked and compacted alike. The
+    preprocessing recorded is the run's: its data source (run.json) and recipe `data` section."""
     run = open_run(Path(run_dir), best=best, ema=ema)
+    preprocessing = run_preprocessing(
+        read_run_json(Path(run_dir)).data, run.recipe.data, run.recipe.training.seed, run.spec
+    )
     return export_model(
         run.spec,
         run.weights,
@@ -181,4 +242,7 @@ def export_run(
         run.placements,
         run.recipe_yaml,
         compact=compact,
+        storage=storage,
+        preprocessing=preprocessing,
+        nm_patterns=recipe_patterns(run.recipe),
     )

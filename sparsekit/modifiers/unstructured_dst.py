@@ -1,7 +1,9 @@
 """SViTE: unstructured dynamic sparse training (prune by magnitude, grow by gradient or at random).
 
 Invariants kept at every step, which the reference implementation does not all keep:
-- each layer holds exactly its budget of non-zero weights (grown == pruned per layer);
+- each layer holds exactly its budget of non-zero weights (grown == pruned per layer); under
+  an N:M `pattern`, every group of M consecutive input weights holds exactly N (each group
+  regrows what it lost);
 - masked weights are exactly 0 after every optimizer step, and their gradients are zeroed
   before it, so Adam moments and SGD momentum never accumulate there;
 - optimizer state at every inactive position is zeroed at each update, and a regrown weight
@@ -22,6 +24,7 @@ from sparsekit.modifiers.registry import register
 from sparsekit.modifiers.start_state import start_scores
 from sparsekit.recipe.schema import UnstructuredDSTPhase
 from sparsekit.surgery.masks import random_scores, topk_mask
+from sparsekit.surgery.nm_masks import check_nm_targets, nm_grow_mask
 from sparsekit.surgery.optimizer_state import OptimizerRestarts, zero_and_restart
 from sparsekit.surgery.targets import Target, find_targets
 from sparsekit.surgery.weight_masks import WeightMasks, as_float
@@ -53,7 +56,7 @@ class UnstructuredDST(PruneGrowModifier):
             config, model, start_step, end_step, targets, update_every, seed, total_steps
         )
         self.targets = targets
-        self.weight_masks = WeightMasks(targets, config.sparsity, config.distribution)
+        self.weight_masks = WeightMasks(targets, config.sparsity, config.distribution, config.nm)
         self.budgets = self.weight_masks.budgets
         # Per layer, the dense gradients of the grow window: the grow score of the next update.
         self._grad_sum: dict[str, torch.Tensor] = {}
@@ -62,9 +65,12 @@ class UnstructuredDST(PruneGrowModifier):
 
     @classmethod
     def find(cls, config: UnstructuredDSTPhase, model: nn.Module) -> list[Target]:
-        return find_targets(
+        targets = find_targets(
             model, list(config.targets.roles), config.targets.include, config.targets.exclude
         )
+        if config.nm:
+            check_nm_targets(targets, *config.nm)  # refused when compiled, the layer named
+        return targets
 
     def before_optimizer_step(self, session: Session) -> None:
         if not self.initialized:
@@ -98,7 +104,8 @@ class UnstructuredDST(PruneGrowModifier):
     def _start_scores(self, start: StartState | None) -> dict[str, torch.Tensor]:
         if start is None:
             return {}
-        asks = f"sparsity {self.config.sparsity:g} ({self.config.distribution})"
+        spread = f"pattern {self.config.pattern}" if self.config.nm else self.config.distribution
+        asks = f"sparsity {self.config.sparsity:g} ({spread})"
         return start_scores(self.targets, self.budgets, start, self.seed, asks)
 
     @torch.no_grad()
@@ -164,7 +171,10 @@ class UnstructuredDST(PruneGrowModifier):
                 self.seed + 1_000_003 * (self.updates_done + 1) + index
             )
             score = random_scores(w.shape, generator).to(w.device)
-        grown = topk_mask(score.mul_(1.0 - survivors).sub_(survivors), n_swap)  # kept score -1
+        if self.config.nm:  # each group grows back what it lost: exactly N again
+            grown = nm_grow_mask(score, kept, *self.config.nm)
+        else:
+            grown = topk_mask(score.mul_(1.0 - survivors).sub_(survivors), n_swap)  # kept: -1
         # Only kept weights carry over: pruned and grown ones (a just-pruned weight that won its
         # place back included) are exactly 0; pruned ones get zeroed optimizer state, grown ones
         # a fresh optimizer's.

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sparsekit.surgery.masks import layer_budgets, topk_mask
+from sparsekit.surgery.nm_masks import nm_budget, nm_topk_mask
 from sparsekit.surgery.optimizer_state import keeps_zero_weights, zero_and_restart
 
 if TYPE_CHECKING:
@@ -23,12 +24,24 @@ if TYPE_CHECKING:
 
 class WeightMasks:
     """Keep-masks of `targets` at `sparsity`, spread over the layers by `distribution`, as bool
-    masks (`masks`) and as 0/1 in each weight's dtype (`keep`), by layer name."""
+    masks (`masks`) and as 0/1 in each weight's dtype (`keep`), by layer name. With `pattern`
+    (N, M) every group of M consecutive input weights keeps exactly N (`surgery.nm_masks`),
+    which sets the sparsity to 1 - N/M."""
 
-    def __init__(self, targets: list[Target], sparsity: float, distribution: str):
+    def __init__(
+        self,
+        targets: list[Target],
+        sparsity: float,
+        distribution: str,
+        pattern: tuple[int, int] | None = None,
+    ):
         self.targets = targets
-        self.budgets = layer_budgets(
-            [tuple(t.weight.shape) for t in targets], sparsity, distribution
+        self.pattern = pattern
+        shapes = [tuple(t.weight.shape) for t in targets]
+        self.budgets = (
+            [nm_budget(s, *pattern) for s in shapes]
+            if pattern
+            else layer_budgets(shapes, sparsity, distribution)
         )
         self.masks: dict[str, torch.Tensor] = {}
         # The mask as 0/1 in the weight's dtype: multiplying by it is ~8x faster on CPU than
@@ -43,9 +56,14 @@ class WeightMasks:
         restarts: OptimizerRestarts | None,
     ) -> None:
         """Keep each layer's budget of highest `score(weight)` (ties broken by position), layer
-        by layer in order; zero the dropped weights and their optimizer state."""
+        by layer in order (under a pattern, the N highest of each group); zero the dropped
+        weights and their optimizer state."""
         for t, budget in zip(self.targets, self.budgets, strict=True):
-            self.set(t.name, topk_mask(score(t.weight), budget))
+            scores = score(t.weight)
+            mask = (
+                nm_topk_mask(scores, *self.pattern) if self.pattern else topk_mask(scores, budget)
+            )
+            self.set(t.name, mask)
         zero_and_restart(restarts, pruned=((t.weight, ~self.masks[t.name]) for t in self.targets))
         self.apply()
 

@@ -73,6 +73,16 @@ def image_folder(
     )
 
 
+def class_folders(split: Path) -> list[str]:
+    """The class folders of one split folder, sorted, as the data set reads them (links under
+    the same rules), without walking them for images.
+
+    Raises:
+        FileNotFoundError: no class folders.
+    """
+    return _SplitScan(os.fspath(split), split.name, []).classes()
+
+
 def _some(names: list[str], limit: int = 5) -> str:
     """A list for a message: the first `limit` names, then '...'."""
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Subset
 
 from sparsekit.analysis.sparsity import global_sparsity, layer_sparsity
 from sparsekit.compiler import compile_recipe
+from sparsekit.device import pick_device
 from sparsekit.errors import DataError, SparsekitError, UsageError, user_message
 from sparsekit.hashing import recipe_sha256, tensors_sha256
 from sparsekit.init_from import (
@@ -171,7 +172,7 @@ def train(recipe: Recipe, run: RunConfig, console: Console | None = None) -> dic
 
 
 def _train(recipe: Recipe, config: RunConfig, out: Path, console: Console) -> dict[str, Any]:
-    ranks, device = join(_pick_device(config.device))
+    ranks, device = join(pick_device(config.device))
     if not ranks.main:
         console = Console(quiet=True)  # rank 0 speaks and writes for the run
     run = build_run(recipe, config, out, ranks, device, console)
@@ -872,35 +873,7 @@ def _check_run_options(run: RunConfig) -> None:
             "the image into patches, so the patch must fit in it. Give a smaller --patch-size "
             "or a larger --img-size."
         )
-    _pick_device(run.device)
-
-
-def _pick_device(name: str) -> torch.device:
-    """cpu, cuda or cuda:N (auto: cuda when there is one). Other device types (meta, mps,
-    xpu) cannot run sparsekit's training: a usage error, not a failure half-way through."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UsageError(
-            f"--device {name!r}: sparsekit trains on auto, cpu, cuda or cuda:N (auto picks cuda "
-            "when there is one); other device types are not supported."
-        )
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise SparsekitError(
-                f"--device {name}: no CUDA device is available here; use --device cpu."
-            )
-        if device.index is not None and device.index >= count:
-            raise SparsekitError(
-                f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
-                f"cuda:{count - 1}."
-            )
-    return device
+    pick_device(run.device)
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
