@@ -30,9 +30,8 @@ def folder_preprocessing(
     data: Data, model_name: str, size: tuple[int, int, int], source: str = "image_folder"
 ) -> Preprocessing:
     """The eval preprocessing of an image-folder run: the recipe's `data` section, and what it
-    leaves unset from the model's pretrained config, resolved as `train/transforms.py`'s
-    `folder_transforms` resolves them for the eval transform (a test holds the two equal;
-    `train/` imports `export/`, so this side cannot import it)."""
+    leaves unset from the model's pretrained config (`train/transforms.py` builds the run's
+    transforms from this, so the export records what evaluation used)."""
     from timm.data import resolve_data_config
     from timm.models import get_pretrained_cfg
 

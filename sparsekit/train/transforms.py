@@ -18,16 +18,17 @@ def folder_transforms(
     Raises:
         UsageError: an `auto_augment` policy timm cannot parse.
     """
-    from timm.data import create_transform, resolve_data_config
-    from timm.models import get_pretrained_cfg
+    from timm.data import create_transform
 
-    pretrained = get_pretrained_cfg(model)
-    own = resolve_data_config({}, pretrained_cfg=pretrained.to_dict() if pretrained else None)
+    from sparsekit.export.preprocessing import folder_preprocessing
+
+    # What the export records is what evaluation uses: one resolution of the settings.
+    evaluated = folder_preprocessing(data, model, (3, img_size, img_size))
     settings = {
-        "interpolation": data.interpolation or own["interpolation"],
-        "mean": tuple(data.mean or own["mean"]),
-        "std": tuple(data.std or own["std"]),
-        "crop_pct": data.crop_pct or own["crop_pct"],
+        "interpolation": data.interpolation or evaluated.interpolation,
+        "mean": tuple(evaluated.mean),
+        "std": tuple(evaluated.std),
+        "crop_pct": evaluated.crop_pct,
     }
     try:
         train = create_transform(
@@ -50,12 +51,10 @@ def folder_transforms(
             "augmix-m5-w4-d2, or original; or set it to null."
         ) from None
     _posterize_to_black_at_zero_bits(train)
-    # Evaluation resizes one way: "random" (a training-time choice) evaluates bicubic, as DeiT.
-    eval_interpolation = "bicubic" if settings["interpolation"] == "random" else None
     val = create_transform(
         img_size,
         is_training=False,
-        interpolation=eval_interpolation or settings["interpolation"],
+        interpolation=evaluated.interpolation,  # "random" trains, bicubic evaluates (DeiT)
         mean=settings["mean"],
         std=settings["std"],
         crop_pct=settings["crop_pct"],
