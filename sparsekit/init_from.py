@@ -17,7 +17,6 @@ and its hash, so `--resume` can check that it is given the same export again.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from sparsekit.surgery.expand import expand_, zeroed_units
 from sparsekit.surgery.targets import find_targets
 from sparsekit.surgery.tokens import Placement
 from sparsekit.surgery.unit_slices import unit_positions
-from sparsekit.surgery.units import UnitGroup, head_groups, neuron_groups
+from sparsekit.surgery.units import UnitGroup, gateable_groups
 
 # Model arguments a run decides from its data and recipe, as `trainer.model_spec` does.
 RUN_DECIDES = ("num_classes", "in_chans", "img_size", "patch_size", "drop_path_rate")
@@ -112,11 +111,7 @@ def read_start(path: str | Path) -> ExportStart:
 def _unit_groups(model: nn.Module) -> dict[str, UnitGroup]:
     """Head and neuron groups by name; a kind sparsekit cannot gate in this model is left out
     (its units read as whole)."""
-    groups: dict[str, UnitGroup] = {}
-    for find in (head_groups, neuron_groups):
-        with contextlib.suppress(SparsekitError):
-            groups.update((g.name, g) for g in find(model))
-    return groups
+    return {g.name: g for g in gateable_groups(model)}
 
 
 def _side(size: Any) -> int | None:

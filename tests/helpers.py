@@ -66,3 +66,26 @@ def digits_folder(root, per_class: int = 12, val_per_class: int = 4, size: int =
                 picture.save(folder / f"{done}.png")
                 break
     return root
+
+
+def apply_on_folder(recipe: dict, data, out, patch_size: int = 4, *extra: str) -> str:
+    """`sparsekit apply` of `recipe` (written beside `out`) on the image folder `data`, with a
+    2-block DeiT-Tiny at 16 px; asserts it succeeded and returns its output."""
+    from pathlib import Path
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from sparsekit.cli.main import app
+
+    out = Path(out)
+    file = out.parent / f"{out.name}.yaml"
+    file.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(
+        app,
+        ["apply", str(file), "--model", "deit_tiny", "--img-size", "16", "--patch-size",
+         str(patch_size), "--model-arg", "depth=2", "--data", str(data), "--output", str(out),
+         *extra],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return result.output

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import digits_folder
+from helpers import apply_on_folder, digits_folder
 from typer.testing import CliRunner
 
 from sparsekit.cli.main import app
@@ -35,15 +34,8 @@ def folder_export(tmp_path_factory) -> tuple[Path, Path, dict]:
     the run's summary."""
     root = tmp_path_factory.mktemp("bench")
     data = digits_folder(root / "digits", per_class=8, val_per_class=4, size=16)
-    recipe = root / "heads.yaml"
-    recipe.write_text(yaml.safe_dump(RECIPE))
     run = root / "run"
-    result = runner.invoke(
-        app,
-        ["apply", str(recipe), "--model", "deit_tiny", "--img-size", "16", "--patch-size", "4",
-         "--model-arg", "depth=2", "--data", str(data), "--output", str(run)],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    apply_on_folder(RECIPE, data, run)
     export = root / "export"
     result = runner.invoke(app, ["export", str(run), "--compact", "-o", str(export)])
     assert result.exit_code == 0, result.output

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import yaml
-from helpers import digits_folder
+from helpers import apply_on_folder, digits_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -53,15 +52,8 @@ def folder_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     its masked export stored dense."""
     root = tmp_path_factory.mktemp("prep")
     data = digits_folder(root / "digits", per_class=4, val_per_class=2, size=16)
-    recipe = root / "prep.yaml"
-    recipe.write_text(yaml.safe_dump(RECIPE))
     run = root / "run"
-    result = runner.invoke(
-        app,
-        ["apply", str(recipe), "--model", "deit_tiny", "--img-size", "16", "--patch-size", "4",
-         "--model-arg", "depth=2", "--data", str(data), "--output", str(run)],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    apply_on_folder(RECIPE, data, run)
     export = root / "export"
     result = runner.invoke(
         app, ["export", str(run), "--masked", "--storage", "dense", "-o", str(export)]

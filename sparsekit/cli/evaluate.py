@@ -47,7 +47,7 @@ def evaluate(
             "another built-in set of tensors), so it cannot read an image folder's RGB files."
         )
     result = evaluate_folder(
-        model, data, eval_transform(export), pick_device(device), batch_size, workers
+        model, data, eval_transform(manifest), pick_device(device), batch_size, workers
     )
     record = {"export": str(export), "data": str(eval_split(data)), **result.to_dict()}
     if as_json:

@@ -393,13 +393,9 @@ def _compacted(model: nn.Module) -> nn.Module:
     """A full-size model whose dropped units are all zero (a masked export), compacted."""
     from sparsekit.surgery.compact import compact_
     from sparsekit.surgery.expand import zeroed_units
-    from sparsekit.surgery.units import head_groups, neuron_groups
+    from sparsekit.surgery.units import gateable_groups
 
-    groups = []
-    for find in (head_groups, neuron_groups):
-        with contextlib.suppress(SparsekitError):  # a kind sparsekit cannot gate stays whole
-            groups += find(model)
-    return compact_(model, zeroed_units(groups)).eval()
+    return compact_(model, zeroed_units(gateable_groups(model))).eval()
 
 
 def default_output(source: Path, is_run: bool) -> Path:

@@ -14,7 +14,6 @@ Nothing is chosen: the masks are the export's (`start_from`), or the model's own
 
 from __future__ import annotations
 
-import contextlib
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,12 @@ from sparsekit.surgery.optimizer_state import zero_and_restart
 from sparsekit.surgery.targets import Target, find_targets
 from sparsekit.surgery.tokens import Placement, TokenScorer, TokenSelection, selection_of
 from sparsekit.surgery.unit_slices import unit_positions
-from sparsekit.surgery.units import UnitGate, UnitGroup, head_groups, kept_counts, neuron_groups
+from sparsekit.surgery.units import (
+    UnitGate,
+    UnitGroup,
+    gateable_groups,
+    kept_counts,
+)
 from sparsekit.surgery.weight_masks import WeightMasks
 
 if TYPE_CHECKING:
@@ -74,13 +78,9 @@ class FixedSparsity(Modifier):
         targets = find_targets(
             model, list(config.targets.roles), config.targets.include, config.targets.exclude
         )
-        groups: list[UnitGroup] = []
-        if config.units:
-            for find in (head_groups, neuron_groups):
-                # Units of a layout sparsekit cannot gate are left whole (an export that drops
-                # some there is refused: no phase holds them).
-                with contextlib.suppress(SparsekitError):
-                    groups += find(model)
+        # Units of a layout sparsekit cannot gate are left whole (an export that drops some
+        # there is refused: no phase holds them).
+        groups = gateable_groups(model) if config.units else []
         return cls(
             config, model, timeline.steps(config.start), timeline.total_steps, targets, groups
         )

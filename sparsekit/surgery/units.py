@@ -116,6 +116,18 @@ def neuron_groups(model: nn.Module) -> list[UnitGroup]:
     return groups
 
 
+def gateable_groups(model: nn.Module) -> list[UnitGroup]:
+    """The model's head groups and then its neuron groups; a kind whose layout sparsekit
+    cannot gate in this model is left out (its units stay whole)."""
+    groups: list[UnitGroup] = []
+    for find in (head_groups, neuron_groups):
+        try:
+            groups += find(model)
+        except SparsekitError:
+            continue
+    return groups
+
+
 def kept_counts(groups: list[UnitGroup], keeps: dict[str, torch.Tensor]) -> dict[str, Any]:
     """What an event records of the units kept: the heads and neurons kept in all, and which
     heads each block keeps (the report draws them)."""
