@@ -26,8 +26,9 @@ from rich.table import Table
 from sparsekit.analysis.cost import model_cost
 from sparsekit.models import ModelSpec, create_model, resolve_model_name
 from sparsekit.surgery.compact import compact_
+from sparsekit.surgery.layouts import head_groups, neuron_groups
 from sparsekit.surgery.tokens import Placement, TokenSelection
-from sparsekit.surgery.units import UnitGate, head_groups, neuron_groups
+from sparsekit.surgery.units import UnitGate
 
 
 def random_keeps(model: torch.nn.Module, heads: float, mlp: float, seed: int = 0) -> dict:

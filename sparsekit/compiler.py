@@ -32,6 +32,7 @@ def compile_recipe(recipe: Recipe, model: nn.Module, timeline: Timeline) -> list
         except RecipeError as err:
             raise RecipeError(f"phases[{index}] ({phase.kind}): {err}") from None
         modifier.compute = recipe.training.compute
+        modifier.check_compute()
         if modifier.end_step <= modifier.start_step:
             raise RecipeError(
                 f"phases[{index}] ({phase.kind}): its window {phase.start} -> {phase.end} is "

@@ -33,10 +33,11 @@ from sparsekit.modifiers import Modifier
 from sparsekit.modifiers.start_state import StartState
 from sparsekit.recipe.targets import ROLES
 from sparsekit.surgery.expand import expand_, zeroed_units
+from sparsekit.surgery.layouts import gateable_groups
 from sparsekit.surgery.targets import find_targets
 from sparsekit.surgery.tokens import Placement
 from sparsekit.surgery.unit_slices import unit_positions
-from sparsekit.surgery.units import UnitGroup, gateable_groups
+from sparsekit.surgery.units import UnitGroup
 
 # Model arguments a run decides from its data and recipe, as `trainer.model_spec` does.
 RUN_DECIDES = ("num_classes", "in_chans", "img_size", "patch_size", "drop_path_rate")

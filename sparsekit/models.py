@@ -18,8 +18,49 @@ from sparsekit.errors import SparsekitError, UsageError
 
 _logger = logging.getLogger(__name__)
 
-# timm modules whose models are (subclasses of) timm's VisionTransformer.
-SUPPORTED_FAMILIES = {"timm.models.vision_transformer", "timm.models.deit"}
+# timm modules whose models are plain (non-hierarchical) ViTs sparsekit knows the layout of:
+# one sequence of tokens through a stack of `blocks`, each an attention and an MLP.
+SUPPORTED_FAMILIES = (
+    "timm.models.vision_transformer",
+    "timm.models.deit",
+    "timm.models.vision_transformer_hybrid",
+    "timm.models.eva",
+    "timm.models.beit",
+    "timm.models.vision_transformer_relpos",
+    "timm.models.naflexvit",
+)
+# timm modules of hierarchical ViTs (stages of windows or pooled grids), out of scope.
+HIERARCHICAL_FAMILIES = (
+    "swin_transformer",
+    "swin_transformer_v2",
+    "swin_transformer_v2_cr",
+    "mvitv2",
+    "levit",
+    "maxxvit",
+    "pvt_v2",
+    "twins",
+    "nest",
+    "pit",
+    "crossvit",
+    "cait",
+    "tnt",
+    "xcit",
+    "efficientformer",
+    "efficientformer_v2",
+    "hiera",
+    "davit",
+    "focalnet",
+    "edgenext",
+    "fastvit",
+    "mobilevit",
+    "gcvit",
+    "coat",
+    "convit",
+    "sequencer",
+    "tiny_vit",
+    "vitamin",
+    "hieradet_sam2",
+)
 
 # Keyword arguments of timm.create_model / build_model_with_cfg that are not the architecture:
 # they open files, download, wrap the model or place it on a device or dtype. Weights come from
@@ -165,10 +206,16 @@ def _check_name(name: Any) -> None:
             "sparsekit supports."
         ) from None
     if family not in SUPPORTED_FAMILIES:
+        kind = (
+            "a hierarchical ViT (stages of windows or pooled grids), which is out of scope"
+            if family.rsplit(".", 1)[-1] in HIERARCHICAL_FAMILIES
+            else "not a plain ViT whose layout sparsekit knows"
+        )
         raise SparsekitError(
-            f"{name} is not supported: it is built by {family}, and sparsekit finds its "
-            "targets in timm's VisionTransformer family (vit_*, deit_*, deit3_*). Pick a model "
-            "from `timm.list_models('vit_*')` or `timm.list_models('deit*')`."
+            f"{name} is not supported: it is built by {family}, {kind}. sparsekit supports the "
+            f"plain ViTs of {', '.join(f.rsplit('.', 1)[1] for f in SUPPORTED_FAMILIES)} "
+            "(vit_*, deit*, eva*, beit*, vit_relpos_*, naflexvit_*, and the hybrid vit_*_r50_* "
+            "models); docs/support.md lists every name and what works on it."
         )
 
 
@@ -476,14 +523,8 @@ def _adapt(
     checkpoint filter, input channels, a head of another number of classes left out. Returns
     the adapted state, the model's keys left at their initialisation, and a line per change."""
     from timm.models import adapt_input_conv
-    from timm.models.vision_transformer import checkpoint_filter_fn
 
-    name = str(getattr(model, "pretrained_cfg", {}).get("architecture", ""))
-    # As timm's ViT builders pass it: deit3 layer scales remapped (harmless elsewhere); FlexiViT
-    # resamples bilinear without antialiasing.
-    options: dict[str, Any] = {"adapt_layer_scale": True}
-    if "flexi" in name:
-        options.update(interpolation="bilinear", antialias=False)
+    checkpoint_filter_fn, options = _checkpoint_filter(model)
     try:
         adapted = checkpoint_filter_fn(dict(state), model, **options)
     except Exception as err:  # noqa: BLE001 - timm's filter fails on weights of another layout
@@ -542,6 +583,27 @@ def _adapt(
                 "no head (num_classes 0)."
             )
     return adapted, reset, notes
+
+
+def _checkpoint_filter(model: nn.Module) -> tuple[Callable[..., dict], dict[str, Any]]:
+    """The pretrained-weights filter timm's builder of `model` uses (each family converts its
+    own foreign layouts and resamples its own position tables), with the options it passes."""
+    import importlib
+
+    from timm.models import is_model, model_entrypoint
+
+    name = str(getattr(model, "pretrained_cfg", {}).get("architecture", ""))
+    family = model_entrypoint(name).__module__ if is_model(name) else type(model).__module__
+    if family in ("timm.models.vision_transformer", "timm.models.deit"):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        # As timm's ViT builders pass it: deit3 layer scales remapped (harmless elsewhere);
+        # FlexiViT resamples bilinear without antialiasing.
+        options: dict[str, Any] = {"adapt_layer_scale": True}
+        if "flexi" in name:
+            options.update(interpolation="bilinear", antialias=False)
+        return checkpoint_filter_fn, options
+    return importlib.import_module(family).checkpoint_filter_fn, {}
 
 
 def misfit(

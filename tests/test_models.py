@@ -157,7 +157,6 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated() -> None:
         ({"img_size": 1}, "images of 1 px but patches of 16 px"),
         ({"img_size": 8, "patch_size": 16}, "patch_size 16 is larger than img_size 8"),
         ({"img_size": [32, 16], "patch_size": [8, 32]}, "patch_size 8x32 is larger"),
-        ({"use_naflex": True}, "NaFlexVit is not supported"),
     ],
 )
 def test_arguments_timm_refuses_are_sparsekit_errors(kwargs: dict, message: str) -> None:
@@ -172,7 +171,9 @@ def test_arguments_timm_refuses_are_sparsekit_errors(kwargs: dict, message: str)
         ("deit_smal_patch16_224", "unknown model .* Closest timm ViTs: deit_small_patch16_224"),
         ("hf-hub:timm/vit_tiny_patch16_224", "unknown model 'hf-hub:"),
         ("local-dir:/tmp", "unknown model 'local-dir:"),
-        ("resnet18", "resnet18 is not supported"),
+        ("resnet18", "resnet18 is not supported.*not a plain ViT"),
+        ("swin_tiny_patch4_window7_224", "hierarchical ViT .* out of scope.*eva, beit"),
+        ("levit_128", "hierarchical ViT .* out of scope"),
     ],
 )
 def test_unknown_and_unsupported_model_names_are_refused(name: str, message: str) -> None:

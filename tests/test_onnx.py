@@ -28,6 +28,8 @@ from sparsekit.export.baked import baked_model  # noqa: E402
 from sparsekit.export.onnx import OPSET, export_onnx, relative_difference  # noqa: E402
 from sparsekit.models import ModelSpec, create_model  # noqa: E402
 from sparsekit.run_folder.trained_run import open_run  # noqa: E402
+from sparsekit.support import end_to_end, sample_photos, support_of  # noqa: E402
+from sparsekit.surgery.geometry import input_size  # noqa: E402
 from sparsekit.surgery.tokens import Placement, TokenSelection, kept_count  # noqa: E402
 from sparsekit.train.trainer import RunConfig, train  # noqa: E402
 
@@ -49,8 +51,7 @@ def photos(model: torch.nn.Module, count: int) -> np.ndarray:
     from timm.data import resolve_model_data_config
 
     config = resolve_model_data_config(model)
-    channels = model.patch_embed.proj.in_channels
-    height, width = model.patch_embed.img_size
+    channels, height, width = input_size(model)
     images = load_sample_images().images  # two 427 x 640 RGB photos
     out = []
     for i in range(count):
@@ -279,3 +280,24 @@ def test_a_folder_of_other_files_is_refused_untouched(uneven, tmp_path) -> None:
     # The library call is as careful with a file.
     with pytest.raises(SparsekitError, match="not an ONNX file sparsekit wrote"):
         export_onnx(load_compact(export), tmp_path / "mine" / "model.onnx")
+
+
+# One model per family and attention class beyond timm's `Attention` (the tests above): what
+# the support matrix trained, exported compacted and loaded back, in ONNX Runtime.
+FAMILIES = [
+    "eva02_tiny_patch14_224",  # EvaAttention, rotary embeddings, SwiGLU, token selection
+    "vit_base_patch16_rope_mixed_224",  # AttentionRope with per-head rope, token selection
+    "beit_base_patch16_224",  # relative position bias table per head
+    "vit_relpos_base_patch16_rpn_224",  # RelPosMlp bias, res-post-norm blocks
+    "vit_small_r26_s32_224",  # hybrid: a ResNet stem
+    "naflexvit_base_patch16_gap",  # NaFlexViT on plain images
+    "vit_dwee_patch16_reg1_gap_256",  # DiffAttention, registers, token selection
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_exports_to_onnx(name: str, tmp_path) -> None:
+    support = support_of(name)
+    _, loaded = end_to_end(support, sample_photos())
+    export_onnx(loaded, tmp_path / "model.onnx")
+    check_matches(tmp_path / "model.onnx", loaded, batches=(1, 3))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from helpers import dst_recipe, tiny_vit
 
 from sparsekit import Session, load_recipe
+from sparsekit.surgery.layouts import head_groups, neuron_groups
 from sparsekit.surgery.optimizer_state import (
     OptimizerRestarts,
     keeps_zero_weights,
@@ -16,7 +17,6 @@ from sparsekit.surgery.optimizer_state import (
 )
 from sparsekit.surgery.targets import find_targets
 from sparsekit.surgery.unit_slices import FrozenSlices, slice_positions, unit_positions, unit_slices
-from sparsekit.surgery.units import head_groups, neuron_groups
 from sparsekit.surgery.weight_masks import WeightMasks, as_float
 
 

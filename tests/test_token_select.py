@@ -136,7 +136,28 @@ def test_an_optimizer_without_the_scorer_is_refused() -> None:
 
 def test_models_that_read_every_token_are_refused() -> None:
     with pytest.raises(SparsekitError, match="reads every token"):
-        TokenSelection(tiny_vit("vit_base_patch16_siglip_224"), [Placement(0, 0.5)])
+        TokenSelection(tiny_vit(global_pool="avgmax"), [Placement(0, 0.5)])
+    pooled = tiny_vit("vit_base_patch16_siglip_224")
+    pooled.attn_pool.pos_embed = torch.nn.Parameter(torch.zeros(17, 768))
+    with pytest.raises(SparsekitError, match="position embedding per token"):
+        TokenSelection(pooled, [Placement(0, 0.5)])
+
+
+def test_attention_pooling_attends_to_the_kept_tokens_only() -> None:
+    """SigLIP's attention pool is given the key mask in masked training, and sees only the
+    kept tokens once they are gathered: both forwards compute the same (noise off)."""
+    model = tiny_vit("vit_base_patch16_siglip_224", embed_dim=64, num_heads=4)
+    assert model.global_pool == "map"
+    selection = TokenSelection(model, TWO_STAGES)
+    selection.noise = False
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        gathered = model.eval()(x)
+        masked = model.train()(x)
+    torch.testing.assert_close(masked, gathered, rtol=1e-5, atol=1e-5)
+    selection.remove()
+    with torch.no_grad():
+        assert not torch.allclose(model.eval()(x), gathered, atol=1e-5)
     with pytest.raises(SparsekitError, match="blocks 0 to 1"):
         TokenSelection(tiny_vit(), [Placement(5, 0.5)])
 

@@ -82,9 +82,10 @@ def bench(
 
 
 def _input_shape(model: nn.Module) -> tuple[int, tuple[int, int]]:
-    embed = model.patch_embed
-    channels = embed.proj.in_channels
-    return channels, tuple(embed.img_size)
+    from sparsekit.surgery.geometry import input_size
+
+    channels, height, width = input_size(model)
+    return channels, (height, width)
 
 
 @contextlib.contextmanager

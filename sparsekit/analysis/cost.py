@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsekit.surgery.geometry import patch_count, patch_embedding
+from sparsekit.surgery.layouts import attention_shape, mlp_width
 from sparsekit.surgery.tokens import selection_of
 from sparsekit.surgery.units import UnitGroup
 
@@ -49,7 +51,7 @@ class ModelCost:
 
 def tokens_of(model: nn.Module) -> int:
     """Sequence length the blocks see: patches plus class, distillation and register tokens."""
-    return model.patch_embed.num_patches + model.num_prefix_tokens
+    return patch_count(model) + model.num_prefix_tokens
 
 
 def block_tokens(model: nn.Module) -> list[int]:
@@ -57,7 +59,7 @@ def block_tokens(model: nn.Module) -> list[int]:
     selection = selection_of(model)
     if selection is None or not selection.enabled:
         return [tokens_of(model)] * len(model.blocks)
-    return selection.tokens_per_block(model.patch_embed.num_patches)
+    return selection.tokens_per_block(patch_count(model))
 
 
 @torch.no_grad()
@@ -74,11 +76,12 @@ def model_cost(model: nn.Module) -> ModelCost:
 def _block_cost(block: nn.Module, n: int) -> BlockCost:
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     flops = sum(2 * n * m.in_features * m.out_features for m in linears)
-    flops += 4 * n * n * block.attn.attn_dim
+    heads, head_dim = attention_shape(block.attn)
+    flops += 4 * n * n * heads * head_dim
     return BlockCost(
-        heads=block.attn.num_heads,
-        head_dim=block.attn.head_dim,
-        mlp_hidden=block.mlp.fc2.in_features,
+        heads=heads,
+        head_dim=head_dim,
+        mlp_hidden=mlp_width(block.mlp),
         tokens=n,
         params=sum(p.numel() for p in block.parameters()),
         nonzero=sum(int(torch.count_nonzero(m.weight)) for m in linears),
@@ -97,11 +100,11 @@ def _scorer_flops(model: nn.Module, tokens: list[int]) -> int:
 
 
 def _patch_embed_flops(model: nn.Module) -> int:
-    proj = model.patch_embed.proj
-    if not isinstance(proj, nn.Conv2d):
+    proj = patch_embedding(model).proj
+    if not isinstance(proj, nn.Conv2d | nn.Linear):
         return 0
-    per_patch = proj.weight.numel()  # out x in x kh x kw multiply-adds for each patch
-    return 2 * model.patch_embed.num_patches * per_patch
+    # out x in x kh x kw multiply-adds for each patch (a hybrid's CNN backbone is not counted)
+    return 2 * patch_count(model) * proj.weight.numel()
 
 
 def _head_flops(model: nn.Module) -> int:
@@ -120,5 +123,10 @@ def params_removed(groups: dict[str, UnitGroup], unit_masks: dict[str, torch.Ten
             for p, chunks in group.rows
         )
         per_unit += group.width * group.consumer.out_features
+        per_unit += sum(
+            t.chunks * t.width * (t.tensor.numel() // t.tensor.shape[t.dim])
+            for t in group.tensors
+            if isinstance(t.tensor, nn.Parameter)
+        )
         removed += int((~keep.to(torch.bool)).sum()) * per_unit
     return removed

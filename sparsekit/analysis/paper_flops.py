@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from sparsekit.analysis.cost import block_tokens, tokens_of
+from sparsekit.surgery.geometry import patch_count, patch_embedding
+from sparsekit.surgery.layouts import attention_shape
 from sparsekit.surgery.tokens import selection_of
 
 
@@ -110,13 +112,13 @@ def paper_layout(model: nn.Module, dense: nn.Module) -> PaperLayout:
         _block_layout(block, dense_block, n)
         for block, dense_block, n in zip(model.blocks, dense.blocks, tokens, strict=True)
     ]
-    proj = model.patch_embed.proj
+    proj = patch_embedding(model).proj
     patch_embed = _nonzero(proj.weight) if isinstance(proj, nn.Conv2d) else 0
     heads = [getattr(model, name, None) for name in ("head", "head_dist")]
     head = sum(_nonzero(h.weight) for h in heads if isinstance(h, nn.Linear))
     return PaperLayout(
         blocks=blocks,
-        patches=model.patch_embed.num_patches,
+        patches=patch_count(model),
         patch_embed_nonzero=patch_embed,
         head_nonzero=head,
         scorer_macs=_scorer_macs(model, tokens),
@@ -132,11 +134,12 @@ def paper_model_cost(model: nn.Module, dense: nn.Module) -> PaperCost:
 def _block_layout(block: nn.Module, dense_block: nn.Module, tokens: int) -> PaperBlockLayout:
     attn, dense_attn = block.attn, dense_block.attn
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    heads, head_dim = attention_shape(dense_attn)
     return PaperBlockLayout(
         tokens=tokens,
-        heads=dense_attn.num_heads,
-        head_dim=dense_attn.head_dim,
-        pruned_heads=dense_attn.num_heads - _live_heads(attn),
+        heads=heads,
+        head_dim=head_dim,
+        pruned_heads=heads - _live_heads(attn),
         linear_nonzero=sum(_nonzero(m.weight) for m in linears),
         proj_out=attn.proj.out_features,
     )
@@ -148,7 +151,8 @@ def _live_heads(attn: nn.Module) -> int:
     qkv = getattr(attn, "qkv", None)
     if not isinstance(qkv, nn.Linear):
         return attn.num_heads
-    rows = qkv.weight.reshape(3, attn.num_heads, attn.head_dim, -1)
+    heads, head_dim = attention_shape(attn)
+    rows = qkv.weight.reshape(3, heads, head_dim, -1)
     return int(rows.ne(0).any(dim=(0, 2, 3)).sum())
 
 

@@ -85,6 +85,7 @@ def _measure(run: RunRecord, folder: Path) -> None:
     from sparsekit.export.baked import baked_model
     from sparsekit.run_folder.samples import read_samples
     from sparsekit.run_folder.trained_run import open_run
+    from sparsekit.surgery.geometry import patch_grid
 
     trained = open_run(folder)
     model = baked_model(
@@ -106,7 +107,7 @@ def _measure(run: RunRecord, folder: Path) -> None:
             images,
             selectors_passed(model, images),
             len(trained.placements),
-            tuple(model.patch_embed.grid_size),
+            patch_grid(model),
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsekit.surgery.geometry import patch_count
 from sparsekit.surgery.tokens import selection_of
 
 
@@ -28,7 +29,7 @@ def selectors_passed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         trace = selection.trace
     finally:
         selection.trace = None
-    count, patches = images.shape[0], model.patch_embed.num_patches
+    count, patches = images.shape[0], patch_count(model)
     positions = torch.arange(patches).expand(count, -1)
     passed = torch.zeros(count, patches, dtype=torch.long)
     for index in trace:  # each selection indexes the patches the previous one kept

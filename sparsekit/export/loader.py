@@ -17,6 +17,7 @@ from sparsekit.export.manifest import METADATA_KEY, READABLE_VERSIONS, Manifest,
 from sparsekit.export.sparse_storage import unpack
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.surgery.compact import shrink_
+from sparsekit.surgery.layouts import attention_shape, mlp_width
 from sparsekit.surgery.tokens import Placement, TokenSelection
 
 
@@ -132,20 +133,21 @@ def built_export(
         )
     sizes: dict[str, int] = {}
     for i, (shape, block) in enumerate(zip(manifest.blocks, model.blocks, strict=True)):
-        if shape.head_dim != block.attn.head_dim:
+        (heads, head_dim), hidden = attention_shape(block.attn), mlp_width(block.mlp)
+        if shape.head_dim != head_dim:
             raise SparsekitError(
                 f"{path}: block {i} has head width {shape.head_dim} in the manifest but "
-                f"{block.attn.head_dim} in {manifest.model}; the file is inconsistent."
+                f"{head_dim} in {manifest.model}; the file is inconsistent."
             )
-        if shape.heads > block.attn.num_heads or shape.mlp_hidden > block.mlp.fc2.in_features:
+        if shape.heads > heads or shape.mlp_hidden > hidden:
             raise SparsekitError(
                 f"{path}: block {i} keeps {shape.heads} heads and an MLP width of "
-                f"{shape.mlp_hidden} in the manifest, more than the {block.attn.num_heads} and "
-                f"{block.mlp.fc2.in_features} of {manifest.model}; the file is inconsistent."
+                f"{shape.mlp_hidden} in the manifest, more than the {heads} and {hidden} of "
+                f"{manifest.model}; the file is inconsistent."
             )
-        if shape.heads != block.attn.num_heads:
+        if shape.heads != heads:
             sizes[f"blocks.{i}.attn"] = shape.heads
-        if shape.mlp_hidden != block.mlp.fc2.in_features:
+        if shape.mlp_hidden != hidden:
             sizes[f"blocks.{i}.mlp"] = shape.mlp_hidden
     if sizes:
         shrink_(model, sizes)

@@ -86,10 +86,9 @@ def require_onnx() -> None:
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) of a timm ViT's input, read from its patch embedding."""
-    embed = model.patch_embed
-    size = embed.img_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return embed.proj.in_channels, int(height), int(width)
+    from sparsekit.surgery.geometry import input_size
+
+    return input_size(model)
 
 
 @torch.no_grad()
@@ -393,7 +392,7 @@ def _compacted(model: nn.Module) -> nn.Module:
     """A full-size model whose dropped units are all zero (a masked export), compacted."""
     from sparsekit.surgery.compact import compact_
     from sparsekit.surgery.expand import zeroed_units
-    from sparsekit.surgery.units import gateable_groups
+    from sparsekit.surgery.layouts import gateable_groups
 
     return compact_(model, zeroed_units(gateable_groups(model))).eval()
 
@@ -452,8 +451,10 @@ def _write_folder(
 
     selection = selection_of(model)
     selectors = [(p.before_block, p.keep_ratio) for p in selection.placements] if selection else []
-    heads = [b.attn.num_heads for b in model.blocks]
-    hidden = [b.mlp.fc2.in_features for b in model.blocks]
+    from sparsekit.surgery.layouts import attention_shape, mlp_width
+
+    heads = [attention_shape(b.attn)[0] for b in model.blocks]
+    hidden = [mlp_width(b.mlp) for b in model.blocks]
     metadata = {
         "model": name,
         "model_kwargs": kwargs,

@@ -22,8 +22,9 @@ BUILT_IN = ("digits", "synthetic")
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) the model takes, read from its patch embedding."""
-    embed = model.patch_embed
-    return (embed.proj.in_channels, *(int(s) for s in embed.img_size))
+    from sparsekit.surgery.geometry import input_size as model_input_size
+
+    return model_input_size(model)
 
 
 def folder_preprocessing(

@@ -47,6 +47,7 @@ from sparsekit.hashing import recipe_sha256
 from sparsekit.models import ModelSpec
 from sparsekit.run_folder.records import read_run_json
 from sparsekit.run_folder.trained_run import open_run
+from sparsekit.surgery.layouts import attention_shape, mlp_width
 from sparsekit.surgery.tokens import Placement
 from sparsekit.version import __version__
 
@@ -135,10 +136,8 @@ def block_shapes(model: nn.Module) -> list[BlockShape]:
     """Heads, head width and MLP width of each block, read from the modules."""
     shapes = []
     for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        shapes.append(
-            BlockShape(heads=attn.num_heads, head_dim=attn.head_dim, mlp_hidden=mlp.fc2.in_features)
-        )
+        heads, head_dim = attention_shape(block.attn)
+        shapes.append(BlockShape(heads=heads, head_dim=head_dim, mlp_hidden=mlp_width(block.mlp)))
     return shapes
 
 

@@ -52,6 +52,17 @@ class Modifier:
         `recipe show --model`; kinds whose config has `per_block` override this."""
         return None
 
+    def check_compute(self) -> None:
+        """Refuse `compute: active` (set by the compiler) when a head or neuron this phase
+        gates belongs to a class without an active forward (`surgery.active.check_active`)."""
+        owned = self.units_owned()
+        if self.compute == "active" and owned:
+            from sparsekit.surgery.active import check_active
+            from sparsekit.surgery.compact import unit_groups
+
+            groups = unit_groups(self.model, owned)
+            check_active([groups[name] for name in owned])
+
     @property
     def label(self) -> str:
         return getattr(self.config, "name", None) or self.kind

@@ -27,16 +27,12 @@ from sparsekit.recipe.phases.fixed_sparsity import FixedSparsityPhase
 from sparsekit.surgery.active import ActiveForward
 from sparsekit.surgery.compact import zero_units_
 from sparsekit.surgery.expand import zeroed_units
+from sparsekit.surgery.layouts import gateable_groups
 from sparsekit.surgery.optimizer_state import zero_and_restart
 from sparsekit.surgery.targets import Target, find_targets
 from sparsekit.surgery.tokens import Placement, TokenScorer, TokenSelection, selection_of
 from sparsekit.surgery.unit_slices import unit_positions
-from sparsekit.surgery.units import (
-    UnitGate,
-    UnitGroup,
-    gateable_groups,
-    kept_counts,
-)
+from sparsekit.surgery.units import UnitGate, UnitGroup, kept_counts
 from sparsekit.surgery.weight_masks import WeightMasks
 
 if TYPE_CHECKING:

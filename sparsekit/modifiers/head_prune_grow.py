@@ -31,9 +31,10 @@ from sparsekit.modifiers.registry import register
 from sparsekit.recipe.schema import HeadPruneGrowPhase
 from sparsekit.surgery.active import ActiveForward
 from sparsekit.surgery.compact import zero_units_
+from sparsekit.surgery.layouts import head_groups, neuron_groups
 from sparsekit.surgery.optimizer_state import may_move_without_gradient, zero_and_restart
 from sparsekit.surgery.unit_slices import FrozenSlices, unit_positions, unit_slices
-from sparsekit.surgery.units import UnitGate, UnitGroup, head_groups, kept_counts, neuron_groups
+from sparsekit.surgery.units import UnitGate, UnitGroup, kept_counts
 
 if TYPE_CHECKING:
     from sparsekit.modifiers.start_state import StartState

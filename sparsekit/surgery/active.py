@@ -9,14 +9,53 @@ dropped units are exactly zero in both); the matrix products shrink with the kep
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
 from torch import nn
 
+from sparsekit.errors import SparsekitError
 from sparsekit.surgery.edits import Edit, ModelEdits
 from sparsekit.surgery.units import UnitGate, UnitGroup
+
+# The classes whose forward `_attention_forward` and `_mlp_forward` reproduce on kept units.
+ACTIVE_CLASSES = frozenset(
+    {
+        "Attention",
+        "AttentionRope",
+        "EvaAttention",
+        "NarrowEvaAttention",
+        "NarrowBeitAttention",
+        "RelPosAttention",
+        "NarrowRelPosAttention",
+        "Mlp",
+        "SwiGLU",
+        "GluMlp",
+        "DiffAttention",
+        "NarrowDiffAttention",
+    }
+)
+
+
+def check_active(groups: list[UnitGroup]) -> None:
+    """Refuse `compute: active` for a model with units whose class has no active forward.
+
+    Raises:
+        SparsekitError: the first such group, and what to do instead.
+    """
+    for g in groups:
+        name = type(g.module).__name__
+        if name == "Attention" and type(g.module).__module__ == "timm.models.beit":
+            continue  # BEiT's own Attention, reproduced like the others
+        if name not in ACTIVE_CLASSES:
+            raise SparsekitError(
+                f"{g.name} is {name}, whose forward sparsekit does not run on the kept {g.kind} "
+                "alone, so training.compute: active cannot train this model; set "
+                "training.compute: masked (the gated full-size forward, the same function)."
+            )
 
 
 class ActiveForward:
@@ -47,6 +86,7 @@ class ActiveForward:
                 "units": keep.nonzero().flatten().to(g.consumer.weight.device),
                 "cols": g.column_index(keep),
                 **{f"rows{i}": g.row_index(keep, chunks) for i, (_, chunks) in enumerate(g.rows)},
+                **{f"tensor{i}": g.tensor_index(t, keep) for i, t in enumerate(g.tensors)},
             }
 
     def enable(self) -> None:
@@ -70,50 +110,87 @@ def _rows(linear: nn.Linear, index: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
-    """timm `Attention.forward` on the kept heads only (same order of operations)."""
+    """The forward of every attention class `layouts` knows (timm's `Attention` and
+    `AttentionRope`, `EvaAttention`, BEiT's `Attention`, `RelPosAttention`, `DiffAttention`)
+    on the kept heads only, in timm's order of operations: q/k/v from a fused or separate projections (EVA's and
+    BEiT's separate biases sliced alike), q/k norms, rotary embeddings past the prefix tokens,
+    each kept head's slice of a relative position bias, the attention gate."""
+    from sparsekit.surgery.narrow_attention import attend, differential_heads
 
-    def forward(attn: nn.Module, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
+    # The class forward's arguments after (self, x), by position: rope, attn_mask, is_causal,
+    # shared_rel_pos_bias, ... as each class orders them.
+    names = list(inspect.signature(type(group.module).forward).parameters)[2:]
+    producer = {id(p): i for i, (p, _) in enumerate(group.rows)}
+    tensor = {t.attr: i for i, t in enumerate(group.tensors) if t.owner is group.module}
+
+    def forward(attn: nn.Module, x: torch.Tensor, *args, **kwargs):
         if not attn.training:  # evaluation runs the gated full-size model
-            return type(attn).forward(attn, x, attn_mask=attn_mask, is_causal=is_causal)
+            return type(attn).forward(attn, x, *args, **kwargs)
+        options = {**dict(zip(names, args, strict=False)), **kwargs}
         index = indices[group.name]
-        heads, width = index["units"].numel(), attn.head_dim
+        units, heads, width = index["units"], index["units"].numel(), group.width
         batch, length, _ = x.shape
-        gated = None
-        if attn.gate is not None:
-            gated = F.linear(x, *_rows(attn.gate, index["rows1"])).sigmoid()
-        qkv = F.linear(x, *_rows(attn.qkv, index["rows0"]))
-        q, k, v = qkv.reshape(batch, length, 3, heads, width).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        if attn.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attn_mask,
-                dropout_p=attn.attn_drop.p if attn.training else 0.0,
-                is_causal=is_causal,
-            )
-        else:
-            from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-            scores = (q * attn.scale) @ k.transpose(-2, -1)
-            scores = maybe_add_mask(
-                scores, resolve_self_attn_mask(length, scores, attn_mask, is_causal)
+        def project(linear: nn.Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+            weight, own_bias = _rows(linear, index[f"rows{producer[id(linear)]}"])
+            return F.linear(x, weight, own_bias if bias is None else bias)
+
+        if hasattr(attn, "lambda_init"):  # DiffAttention: two maps per head, subtracted
+            mask, causal = options.get("attn_mask"), options.get("is_causal", False)
+            x = differential_heads(attn, project(attn.qkv), mask, causal)
+            x = F.linear(gate.apply(x, units), attn.proj.weight.index_select(1, index["cols"]))
+            return attn.proj_drop(x if attn.proj.bias is None else x + attn.proj.bias)
+        gated = project(attn.gate).sigmoid() if getattr(attn, "gate", None) is not None else None
+        if getattr(attn, "qkv", None) is not None:
+            bias = None
+            if getattr(attn, "q_bias", None) is not None:  # EVA, BEiT: q, k, v biases apart
+                parts = ("q_bias", "k_bias", "v_bias")
+                bias = torch.cat(
+                    [getattr(attn, a).index_select(0, index[f"tensor{tensor[a]}"]) for a in parts]
+                )
+            qkv = project(attn.qkv, bias).reshape(batch, length, 3, heads, width)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (
+                project(p).reshape(batch, length, heads, width).transpose(1, 2)
+                for p in (attn.q_proj, attn.k_proj, attn.v_proj)
             )
-            x = attn.attn_drop(scores.softmax(dim=-1)) @ v
-        x = x.transpose(1, 2).reshape(batch, length, heads * width)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        rope = options.get("rope")
+        if rope is not None:
+            npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+            q, k = (
+                torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], 2)
+                for t in (q, k)
+            )
+            q, k = q.type_as(v), k.type_as(v)
+        bias = _head_bias(attn, options, units)
+        x = attend(attn, q, k, v, bias, options.get("is_causal", False))
         if gated is not None:
             x = x * gated
         # The kept heads' gate values (all 1): their gradient is the Taylor prune score.
-        x = gate.apply(x, index["units"])
+        x = gate.apply(x, units)
         x = F.linear(x, attn.proj.weight.index_select(1, index["cols"]), attn.proj.bias)
         return attn.proj_drop(x)
 
     return forward
 
 
+def _head_bias(attn: nn.Module, options: dict, units: torch.Tensor) -> torch.Tensor | None:
+    """What the attention adds to its scores, for the kept heads: the key mask it was given,
+    or its relative position bias (BEiT's table, `RelPosAttention`'s `rel_pos`) sliced to the
+    kept heads. A bias shared by all blocks never reaches here: `layouts` refuses head pruning
+    with one."""
+    if getattr(attn, "relative_position_bias_table", None) is not None:  # BEiT
+        return attn._get_rel_pos_bias().index_select(1, units)
+    if getattr(attn, "rel_pos", None) is not None:  # RelPosAttention
+        return attn.rel_pos.get_bias().index_select(1, units)
+    return options.get("attn_mask")
+
+
 def _mlp_forward(group: UnitGroup, indices: dict, gate: UnitGate):
-    """timm `Mlp` / `SwiGLU` forward on the kept neurons only."""
+    """timm `Mlp` / `SwiGLU` / `GluMlp` forward on the kept neurons only."""
 
     def forward(mlp: nn.Module, x: torch.Tensor):
         if not mlp.training:
@@ -122,6 +199,9 @@ def _mlp_forward(group: UnitGroup, indices: dict, gate: UnitGate):
         if hasattr(mlp, "fc1_g"):  # SwiGLU
             hidden = mlp.act(F.linear(x, *_rows(mlp.fc1_g, index["rows0"])))
             hidden = hidden * F.linear(x, *_rows(mlp.fc1_x, index["rows1"]))
+        elif hasattr(mlp, "chunk_dim"):  # GluMlp: the kept value rows, then their gate rows
+            value, gates = F.linear(x, *_rows(mlp.fc1, index["rows0"])).chunk(2, dim=-1)
+            hidden = value * mlp.act(gates) if mlp.gate_last else mlp.act(value) * gates
         else:
             hidden = mlp.act(F.linear(x, *_rows(mlp.fc1, index["rows0"])))
         hidden = mlp.norm(mlp.drop1(hidden))

@@ -1,9 +1,11 @@
 """Physical removal of pruned heads and neurons: smaller Linear layers, fewer heads per block.
 
 `compact_` slices, per attention block, the q, k and v rows (weights and biases) of the kept
-heads out of `qkv`, the matching input columns out of `proj` (and the rows of a gated
-attention's `gate`), and sets `num_heads`/`attn_dim`; per MLP block, the kept `fc1` rows and
-bias and `fc2` columns. The result is a plain timm model that runs only what was kept.
+heads out of `qkv` (or `q_proj`, `k_proj`, `v_proj`), the matching input columns out of `proj`,
+the rows of a gated attention's `gate` and any per-head tensor (separate q/v biases, relative
+position bias tables), then tells the module how many heads it keeps (`UnitGroup.resize`, from
+`layouts`); per MLP block, the kept `fc1` rows and bias and `fc2` columns. The result is the
+timm model that runs only what was kept.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import torch
 from torch import nn
 
 from sparsekit.errors import SparsekitError
-from sparsekit.surgery.units import UnitGroup, head_groups, neuron_groups
+from sparsekit.surgery.layouts import head_groups, neuron_groups
+from sparsekit.surgery.units import UnitGroup, UnitTensor
 
 
 def unit_groups(model: nn.Module, names: list[str] | None = None) -> dict[str, UnitGroup]:
@@ -28,18 +31,23 @@ def unit_groups(model: nn.Module, names: list[str] | None = None) -> dict[str, U
 
 
 @torch.no_grad()
-def compact_(model: nn.Module, keeps: dict[str, torch.Tensor]) -> nn.Module:
+def compact_(
+    model: nn.Module,
+    keeps: dict[str, torch.Tensor],
+    groups: dict[str, UnitGroup] | None = None,
+) -> nn.Module:
     """Remove, in place, every unit whose keep flag is False; return the model.
 
     Args:
         keeps: bool per unit, by group name ("blocks.3.attn": one per head, "blocks.3.mlp": one
             per hidden neuron). Groups not named are left whole.
+        groups: the groups by name, when the caller has them (read from `model` otherwise).
 
     Raises:
         SparsekitError: a name that is not a head or neuron group of this model, a keep vector
             of the wrong length, or one that keeps no unit at all.
     """
-    groups = unit_groups(model, list(keeps))
+    groups = groups if groups is not None else unit_groups(model, list(keeps))
     for name, keep in keeps.items():
         group = groups.get(name)
         if group is None:
@@ -62,9 +70,10 @@ def compact_(model: nn.Module, keeps: dict[str, torch.Tensor]) -> nn.Module:
         _replace(
             group.module, group.consumer, _sliced(group.consumer, cols=group.column_index(keep))
         )
-        if group.kind == "heads":
-            group.module.num_heads = kept
-            group.module.attn_dim = kept * group.width
+        for unit_tensor in group.tensors:
+            _slice_tensor(unit_tensor, group.tensor_index(unit_tensor, keep))
+        if group.resize is not None:
+            group.resize(kept)
     return model
 
 
@@ -116,6 +125,10 @@ def zero_units_(groups: dict[str, UnitGroup], keeps: dict[str, torch.Tensor]) ->
             producer.weight[rows] = 0
             if producer.bias is not None:
                 producer.bias[rows] = 0
+        for unit_tensor in group.tensors:
+            unit_tensor.tensor.index_fill_(
+                unit_tensor.dim, group.tensor_index(unit_tensor, drop), 0
+            )
 
 
 def _sliced(
@@ -138,6 +151,17 @@ def _sliced(
     if bias is not None:
         new.bias.copy_(bias)
     return new
+
+
+def _slice_tensor(unit_tensor: UnitTensor, index: torch.Tensor) -> None:
+    """Keep the `index` entries of a unit-laid-out parameter or buffer, in place of it."""
+    old = unit_tensor.tensor
+    sliced = old.index_select(unit_tensor.dim, index.to(old.device))
+    owner, attr = unit_tensor.owner, unit_tensor.attr
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(sliced, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = sliced  # a buffer stays one, persistent or not
 
 
 def _replace(parent: nn.Module, old: nn.Module, new: nn.Module) -> None:

@@ -32,6 +32,9 @@ def zeroed_units(groups: list[UnitGroup]) -> dict[str, torch.Tensor]:
                 rows |= producer.bias.ne(0)
             alive |= rows.view(chunks, g.units, g.width).any(2).any(0).cpu()
         alive |= g.consumer.weight.ne(0).any(0).view(g.units, g.width).any(1).cpu()
+        for t in g.tensors:
+            per_unit = t.tensor.ne(0).movedim(t.dim, 0).reshape(t.chunks, g.units, t.width, -1)
+            alive |= per_unit.any(-1).any(-1).any(0).cpu()
         keeps[g.name] = alive if alive.any() else torch.ones(g.units, dtype=torch.bool)
     return keeps
 
@@ -72,6 +75,9 @@ def expand_(
                 written.add(id(producer.bias))
         g.consumer.weight.zero_().index_copy_(1, g.column_index(keep), small.consumer.weight)
         written.add(id(g.consumer.weight))
+        for t, source_tensor in zip(g.tensors, small.tensors, strict=True):
+            t.tensor.zero_().index_copy_(t.dim, g.tensor_index(t, keep), source_tensor.tensor)
+            written.add(id(t.tensor))
         keeps[name] = keep
     source_state = compact.state_dict()
     for key, tensor in full.state_dict(keep_vars=True).items():

@@ -21,7 +21,7 @@ _BLOCK_ROLES: dict[str, tuple[str, ...]] = {
     "fc2": ("mlp.fc2",),
 }
 _MODEL_ROLES: dict[str, tuple[str, ...]] = {
-    "patch_embed": ("patch_embed.proj",),
+    "patch_embed": ("patch_embed.proj", "embeds.proj"),
     "head": ("head", "head_dist"),
 }
 
@@ -39,28 +39,40 @@ class Target:
         return self.module.weight
 
 
+def model_classes() -> tuple[type, ...]:
+    """The timm model classes sparsekit knows the layout of (`models.SUPPORTED_FAMILIES`)."""
+    from timm.models.beit import Beit
+    from timm.models.eva import Eva
+    from timm.models.naflexvit import NaFlexVit
+    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    return (VisionTransformer, Eva, Beit, VisionTransformerRelPos, NaFlexVit)
+
+
 def check_supported(model: nn.Module) -> None:
     """Refuse architectures whose layout sparsekit does not know, before touching them."""
-    from timm.models.vision_transformer import VisionTransformer
-
+    classes = model_classes()
     for attr in ("module", "_orig_mod"):
-        if isinstance(getattr(model, attr, None), VisionTransformer):
+        if isinstance(getattr(model, attr, None), classes):
             raise SparsekitError(
                 f"got a wrapped model ({type(model).__name__}); give sparsekit the model inside "
                 f"it (`model.{attr}`): modifiers change the module's own weights, and the wrapper "
                 "sees their changes."
             )
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, classes):
         raise SparsekitError(
             f"{type(model).__name__} is not supported: sparsekit finds its targets in timm's "
-            "VisionTransformer family (vit_*, deit_*, deit3_*, eva-free ViTs). Pick a model from "
-            "`timm.list_models('vit_*')` or `timm.list_models('deit*')`."
+            f"plain ViTs ({', '.join(c.__name__ for c in classes)}); hierarchical ViTs (Swin, "
+            "MViT, LeViT, MaxViT) are out of scope. docs/support.md lists every supported name."
         )
     for i, block in enumerate(model.blocks):
         if not hasattr(block, "attn") or not hasattr(block, "mlp"):
             raise SparsekitError(
-                f"block {i} of {type(model).__name__} ({type(block).__name__}) has no `attn` and "
-                "`mlp` children; this block type is not supported yet."
+                f"block {i} of {type(model).__name__} is a {type(block).__name__}, which runs "
+                "its attention and MLP side by side (a parallel block) instead of holding one "
+                "`attn` and one `mlp`; parallel blocks are not supported yet. docs/support.md "
+                "lists the models that are."
             )
 
 

@@ -29,6 +29,7 @@ from sparsekit.errors import SparsekitError
 from sparsekit.surgery.edits import ModelEdits
 
 POOLS = ("token", "avg", "max")  # pools whose result can ignore dropped tokens exactly
+# and attention pooling (`map`, SigLIP's `AttentionPoolLatent`), which takes a key mask
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class TokenSelection:
         ).to(next(model.parameters()).device)
         self.edits.add_module(model, "token_selectors", scorers)
         self._alive: torch.Tensor | None = None  # masked mode: which tokens are still in
+        # Gathered modes: each kept patch's position in the patch grid, for rotary embeddings.
+        self._kept: torch.Tensor | None = None
         _SELECTIONS[model] = self
         self.edits.add_undo(lambda: _SELECTIONS.pop(model, None))
         at = {p.before_block: p for p in self.placements}
@@ -101,8 +104,11 @@ class TokenSelection:
                 hook = block.register_forward_pre_hook(self._selector(at[index]), with_kwargs=True)
                 self.edits.hook(hook)
             elif index > first:
-                self.edits.hook(block.register_forward_pre_hook(self._mask, with_kwargs=True))
+                self.edits.hook(block.register_forward_pre_hook(self._later, with_kwargs=True))
         self.edits.hook(model.norm.register_forward_hook(self._fill_dropped))
+        if getattr(model, "attn_pool", None) is not None:  # SigLIP's attention pooling
+            hook = model.attn_pool.register_forward_pre_hook(self._pool_mask, with_kwargs=True)
+            self.edits.hook(hook)
 
     def remove(self) -> None:
         """Take the selectors, their hooks and the scorer modules out of the model."""
@@ -133,7 +139,7 @@ class TokenSelection:
 
         def hook(block: nn.Module, args: tuple, kwargs: dict):
             if first:
-                self._alive = None  # a new forward pass begins here
+                self._alive = self._kept = None  # a new forward pass begins here
             if not self.enabled:
                 return None
             x = args[0]
@@ -141,26 +147,59 @@ class TokenSelection:
                 x = self._select_masked(x, scorer, placement.keep_ratio)
                 return (x, *args[1:]), {**kwargs, "attn_mask": self._key_mask()}
             if block.training:
-                return (
-                    self._select_gathered_train(x, scorer, placement.keep_ratio),
-                    *args[1:],
-                ), kwargs
-            return (self._select_gathered(x, scorer, placement.keep_ratio), *args[1:]), kwargs
+                x = self._select_gathered_train(x, scorer, placement.keep_ratio)
+            else:
+                x = self._select_gathered(x, scorer, placement.keep_ratio)
+            return (x, *args[1:]), self._kept_rope(kwargs)
 
         return hook
 
-    def _mask(self, block: nn.Module, args: tuple, kwargs: dict):
+    def _later(self, block: nn.Module, args: tuple, kwargs: dict):
+        """A block after the first selector: the key mask (masked mode) or the kept patches'
+        rotary embeddings (gathered modes)."""
+        if self._alive is not None:
+            return args, {**kwargs, "attn_mask": self._key_mask()}
+        if self._kept is not None and kwargs.get("rope") is not None:
+            return args, self._kept_rope(kwargs)
+        return None
+
+    def _keep(self, index: torch.Tensor) -> None:
+        """Record which patches a gathered selection kept, as positions in the patch grid."""
+        self._kept = index if self._kept is None else self._kept.gather(1, index)
+
+    def _kept_rope(self, kwargs: dict) -> dict:
+        """The block's rotary embeddings (`rope`, EVA's blocks) at the kept patches' grid
+        positions, per sample: a gathered sequence no longer lines up with the grid, so each
+        kept token must rotate by its own position, exactly as at full length. Embeddings are
+        (patches, dim), or per head (heads, patches, dim) or (batch, heads, patches, dim)."""
+        rope = kwargs.get("rope")
+        if rope is None or self._kept is None:
+            return kwargs
+        kept = self._kept
+        if rope.ndim == 2:
+            rope = rope[kept].unsqueeze(1)  # batch, 1, kept, dim
+        elif rope.ndim == 3:
+            rope = rope[:, kept].transpose(0, 1)  # batch, heads, kept, dim
+        else:
+            index = kept[:, None, :, None].expand(-1, rope.shape[1], -1, rope.shape[-1])
+            rope = rope.expand(kept.shape[0], -1, -1, -1).gather(2, index)
+        return {**kwargs, "rope": rope}
+
+    def _pool_mask(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Masked mode: the attention pool's latent query attends to the kept tokens only (an
+        additive mask: timm's unfused pool adds its mask to the scores)."""
         if self._alive is None:
             return None
-        return args, {**kwargs, "attn_mask": self._key_mask()}
+        hidden = torch.zeros(self._key_mask().shape, dtype=args[0].dtype, device=args[0].device)
+        return args, {**kwargs, "attn_mask": hidden.masked_fill(~self._key_mask(), float("-inf"))}
 
     def _fill_dropped(self, module: nn.Module, args: tuple, out: torch.Tensor):
         """Give dropped tokens a value the pool cannot see: the mean of the kept tokens (for
         `avg`) or their minimum (for `max`); `token` pools never read them."""
-        if self._alive is None or self.model.global_pool == "token":
+        if self._alive is None or self.model.global_pool in ("token", "map"):
             return None
         alive = self._alive.clone()
-        if not self.model.pool_include_prefix:
+        if not getattr(self.model, "pool_include_prefix", False):
             alive[:, : self.prefix] = False
         weights = alive.unsqueeze(-1).to(out.dtype)
         if self.model.global_pool == "avg":
@@ -175,6 +214,7 @@ class TokenSelection:
         prefix, patches = x[:, : self.prefix], x[:, self.prefix :]
         k = kept_count(patches.shape[1], ratio)
         index = scorer(patches).topk(k, dim=1).indices.sort(dim=1).values
+        self._keep(index)
         if self.trace is not None:
             self.trace.append(index)
         kept = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -206,6 +246,7 @@ class TokenSelection:
         k = kept_count(patches.shape[1], ratio)
         noisy = self._noisy(scorer(patches).float())
         index = noisy.topk(k, dim=1).indices.sort(dim=1).values
+        self._keep(index)
         soft = F.softmax(noisy / self.temperature, dim=1)
         choice = (1.0 + (soft - soft.detach())).gather(1, index)  # exactly 1 going forward
         kept = patches.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -268,13 +309,46 @@ def check_selectable(model: nn.Module, placements: list[Placement]) -> None:
                 f"a token selector before block {p.before_block}, but the model has blocks "
                 f"0 to {depth - 1}."
             )
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in POOLS:
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and "attn_mask" not in inspect.signature(pool.forward).parameters:
+        raise SparsekitError(
+            f"{type(model).__name__} pools with {type(pool).__name__}, which takes no key "
+            "mask, so it would read the dropped tokens; token selection is not supported on "
+            "this model. Build it with global_pool='token' or 'avg' (--model-arg "
+            "global_pool=avg)."
+        )
+    if pool is not None and getattr(pool, "pos_embed", None) is not None:
+        raise SparsekitError(
+            f"{type(model).__name__}'s attention pool adds a position embedding per token, "
+            "which would no longer line up with the kept tokens; token selection is not "
+            "supported on this model. Build it with global_pool='token' or 'avg' "
+            "(--model-arg global_pool=avg)."
+        )
+    if pool is None and model.global_pool not in POOLS:
         raise SparsekitError(
             f"{type(model).__name__} pools its tokens with {model.global_pool!r}, which reads "
             f"every token; token selection supports the pools {', '.join(POOLS)}. Build the "
             "model with global_pool='token' or 'avg' (--model-arg global_pool=avg)."
         )
+    if type(model).__name__ == "NaFlexVit":
+        raise SparsekitError(
+            "NaFlexVit takes patch sequences of any resolution and builds its own padding mask "
+            "inside its forward, so a selector's key mask and kept positions would not line up "
+            "with its patches; token selection is not supported on NaFlexVit models. Drop the "
+            "token_select phase, or pick a fixed-size ViT (vit_*, eva02_*)."
+        )
     for index, block in enumerate(model.blocks):
+        relative = any(
+            hasattr(m, "relative_position_bias_table") or hasattr(m, "rel_pos")
+            for m in block.modules()
+        )
+        if relative:
+            raise SparsekitError(
+                f"block {index} ({type(block).__name__}) adds a relative position bias over the "
+                "full grid inside its attention and takes no key mask, so dropped tokens could "
+                "be neither hidden nor gathered exactly; token selection is not supported on "
+                "BEiT and relative-position ViTs. Drop the token_select phase for this model."
+            )
         if "attn_mask" not in inspect.signature(block.forward).parameters:
             raise SparsekitError(
                 f"block {index} ({type(block).__name__}) takes no attention mask, so dropped "

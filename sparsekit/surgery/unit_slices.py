@@ -9,6 +9,7 @@ may move them (`FrozenSlices`): weight decay moves a weight whose gradient is 0.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from sparsekit.surgery.units import UnitGroup
 
@@ -18,7 +19,8 @@ Slice = tuple[torch.Tensor, int, torch.Tensor]
 
 def unit_slices(groups: list[UnitGroup], selected: dict[str, torch.Tensor]) -> list[Slice]:
     """Every parameter slice that belongs to the selected units (a bool per unit, by group
-    name): producer rows and biases, consumer columns."""
+    name): producer rows and biases, consumer columns, and their slices of other per-unit
+    parameters."""
     out: list[Slice] = []
     for g in groups:
         units = selected[g.name]
@@ -30,6 +32,11 @@ def unit_slices(groups: list[UnitGroup], selected: dict[str, torch.Tensor]) -> l
             if producer.bias is not None:
                 out.append((producer.bias, 0, rows))
         out.append((g.consumer.weight, 1, g.column_index(units)))
+        for unit_tensor in g.tensors:
+            if isinstance(unit_tensor.tensor, nn.Parameter):  # buffers are never trained
+                out.append(
+                    (unit_tensor.tensor, unit_tensor.dim, g.tensor_index(unit_tensor, units))
+                )
     return out
 
 

@@ -1,7 +1,7 @@
 """Structured units of a timm ViT: the heads of each attention and the hidden neurons of each MLP.
 
-Everything is read from the modules themselves (`num_heads`, `head_dim`, the fused `qkv`, the
-MLP's `fc1`/`fc2`), so no head count is ever passed by hand. A unit is switched off by a 0/1 gate
+A `UnitGroup` says which rows, columns and tensors belong to each unit; `layouts` builds them
+from the modules themselves, class by class, so no head count is ever passed by hand. A unit is switched off by a 0/1 gate
 on the input of the layer that consumes it (`proj` for heads, `fc2` for neurons): a gated-off
 head or neuron then contributes exactly nothing, biases included, which is what makes the masked
 model and the physically compacted one compute the same function.
@@ -9,14 +9,31 @@ model and the physically compacted one compute the same function.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsekit.errors import SparsekitError
 from sparsekit.surgery.edits import ModelEdits
+
+
+@dataclass(frozen=True)
+class UnitTensor:
+    """A parameter or buffer laid out unit by unit along `dim` that is not a Linear's rows:
+    EVA's and BEiT's separate q and v biases (`width` head_dim), or a relative position bias
+    table with one column per head (`width` 1)."""
+
+    owner: nn.Module
+    attr: str
+    dim: int
+    width: int
+    chunks: int = 1
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.owner, self.attr)
 
 
 @dataclass(frozen=True)
@@ -25,7 +42,9 @@ class UnitGroup:
 
     `rows` are the Linear layers whose output rows belong to the units (q, k and v rows of each
     head; the fc1 rows of each neuron), `chunks` how many unit-major chunks each of them holds
-    (3 for a fused qkv), and `consumer` the Linear whose input columns belong to the units.
+    (3 for a fused qkv), `consumer` the Linear whose input columns belong to the units, and
+    `tensors` any other tensor laid out by unit. `resize`, when set, tells the module how many
+    units it keeps once their slices are cut (`compact_`).
     """
 
     name: str  # e.g. "blocks.3.attn"
@@ -35,97 +54,29 @@ class UnitGroup:
     width: int  # features per unit: head_dim for heads, 1 for neurons
     rows: tuple[tuple[nn.Linear, int], ...]
     consumer: nn.Linear
+    tensors: tuple[UnitTensor, ...] = ()
+    resize: Callable[[int], None] | None = None
 
     def row_index(self, selected: torch.Tensor, chunks: int) -> torch.Tensor:
         """Output rows of a producer with `chunks` unit-major chunks that belong to the
         selected units (a bool per unit), in order: for a fused qkv, their q rows, then their k
         rows, then their v rows."""
-        columns = self.column_index(selected)
-        size = self.units * self.width
-        return torch.cat([columns + c * size for c in range(chunks)])
+        return self.index(selected, chunks, self.width)
 
     def column_index(self, selected: torch.Tensor) -> torch.Tensor:
         """Input columns of the consumer that belong to the selected units, in order."""
+        return self.index(selected, 1, self.width)
+
+    def index(self, selected: torch.Tensor, chunks: int, width: int) -> torch.Tensor:
+        """Positions along a unit-laid-out axis (`chunks` unit-major chunks of `width` entries
+        per unit) that belong to the selected units, in order."""
         units = selected.nonzero().flatten().to(self.consumer.weight.device)
-        offsets = torch.arange(self.width, device=units.device)
-        return (units[:, None] * self.width + offsets).flatten()
+        offsets = torch.arange(width, device=units.device)
+        positions = (units[:, None] * width + offsets).flatten()
+        return torch.cat([positions + c * self.units * width for c in range(chunks)])
 
-
-def head_groups(model: nn.Module) -> list[UnitGroup]:
-    """One group per attention block, with the head layout read from the module.
-
-    Raises:
-        SparsekitError: a block's attention is not timm's `Attention`, or it normalizes across
-            heads (`scale_norm`), which no head mask can make exact.
-    """
-    from timm.layers import Attention
-
-    groups = []
-    for i, block in enumerate(_blocks(model)):
-        attn = getattr(block, "attn", None)
-        name = f"blocks.{i}.attn"
-        if type(attn) is not Attention:
-            raise SparsekitError(
-                f"{name} is {type(attn).__name__}, not timm's Attention: head pruning reads the "
-                "fused qkv and proj layout of timm's Attention (vit_*, deit*, deit3* models). "
-                "Drop the head_prune_grow phase for this model, or use unstructured_dst."
-            )
-        if not isinstance(attn.norm, nn.Identity):
-            raise SparsekitError(
-                f"{name} normalizes its output across all heads (scale_norm), so removing a head "
-                "would change the others' outputs; head pruning cannot be exact on this model."
-            )
-        producers: list[tuple[nn.Linear, int]] = [(attn.qkv, 3)]
-        if attn.gate is not None:  # gated attention: one gate row per head feature
-            producers.append((attn.gate, 1))
-        groups.append(
-            UnitGroup(
-                name, "heads", attn, attn.num_heads, attn.head_dim, tuple(producers), attn.proj
-            )
-        )
-    return groups
-
-
-def neuron_groups(model: nn.Module) -> list[UnitGroup]:
-    """One group per MLP block (timm `Mlp` or `SwiGLU`), one unit per hidden neuron.
-
-    Raises:
-        SparsekitError: an MLP of another kind, or one that normalizes across its hidden layer.
-    """
-    from timm.layers import Mlp, SwiGLU
-
-    groups = []
-    for i, block in enumerate(_blocks(model)):
-        mlp = getattr(block, "mlp", None)
-        name = f"blocks.{i}.mlp"
-        if type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear):
-            producers: tuple[tuple[nn.Linear, int], ...] = ((mlp.fc1, 1),)
-        elif type(mlp) is SwiGLU:
-            producers = ((mlp.fc1_g, 1), (mlp.fc1_x, 1))
-        else:
-            raise SparsekitError(
-                f"{name} is {type(mlp).__name__}: neuron pruning supports timm's Mlp and SwiGLU. "
-                "Leave mlp_density and mlp_neurons unset to prune heads only."
-            )
-        if not isinstance(mlp.norm, nn.Identity):
-            raise SparsekitError(
-                f"{name} normalizes across its hidden neurons, so removing one would change the "
-                "others; neuron pruning cannot be exact on this model. Leave mlp_density and mlp_neurons unset."
-            )
-        groups.append(UnitGroup(name, "neurons", mlp, mlp.fc2.in_features, 1, producers, mlp.fc2))
-    return groups
-
-
-def gateable_groups(model: nn.Module) -> list[UnitGroup]:
-    """The model's head groups and then its neuron groups; a kind whose layout sparsekit
-    cannot gate in this model is left out (its units stay whole)."""
-    groups: list[UnitGroup] = []
-    for find in (head_groups, neuron_groups):
-        try:
-            groups += find(model)
-        except SparsekitError:
-            continue
-    return groups
+    def tensor_index(self, tensor: UnitTensor, selected: torch.Tensor) -> torch.Tensor:
+        return self.index(selected, tensor.chunks, tensor.width)
 
 
 def kept_counts(groups: list[UnitGroup], keeps: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -139,13 +90,6 @@ def kept_counts(groups: list[UnitGroup], keeps: dict[str, torch.Tensor]) -> dict
         g.name: keeps[g.name].nonzero().flatten().tolist() for g in groups if g.kind == "heads"
     }
     return counts
-
-
-def _blocks(model: nn.Module) -> nn.Module:
-    from sparsekit.surgery.targets import check_supported
-
-    check_supported(model)
-    return model.blocks
 
 
 class UnitGate:

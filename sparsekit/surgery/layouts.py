@@ -1,0 +1,292 @@
+"""Where the heads and neurons live in each timm attention and MLP class: the adapter seam.
+
+Every structured operation (gates, prune-grow, compaction, expansion, optimizer-state resets)
+works on `UnitGroup`s; this module is the one place that knows, class by class, which rows,
+columns and tensors belong to a head or a neuron, what must hold for removing one to be exact,
+and what a module must be told once it keeps fewer. A class not listed here is refused with the
+reason, never guessed at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from sparsekit.errors import SparsekitError
+from sparsekit.surgery.units import UnitGroup, UnitTensor
+
+
+def head_groups(model: nn.Module) -> list[UnitGroup]:
+    """One group per attention block, with the head layout read from the module
+    (`layouts.head_group`).
+
+    Raises:
+        SparsekitError: an attention whose heads sparsekit cannot remove exactly, and why.
+    """
+    return [head_group(model, f"blocks.{i}.attn", b) for i, b in enumerate(_blocks(model))]
+
+
+def neuron_groups(model: nn.Module) -> list[UnitGroup]:
+    """One group per MLP block, one unit per hidden neuron (`layouts.neuron_group`).
+
+    Raises:
+        SparsekitError: an MLP whose neurons sparsekit cannot remove exactly, and why.
+    """
+    return [neuron_group(f"blocks.{i}.mlp", b) for i, b in enumerate(_blocks(model))]
+
+
+def gateable_groups(model: nn.Module) -> list[UnitGroup]:
+    """The model's head groups and then its neuron groups; a kind whose layout sparsekit
+    cannot gate in this model is left out (its units stay whole)."""
+    groups: list[UnitGroup] = []
+    for find in (head_groups, neuron_groups):
+        try:
+            groups += find(model)
+        except SparsekitError:
+            continue
+    return groups
+
+
+def _blocks(model: nn.Module) -> nn.Module:
+    from sparsekit.surgery.targets import check_supported
+
+    check_supported(model)
+    return model.blocks
+
+
+def head_group(model: nn.Module, name: str, block: nn.Module) -> UnitGroup:
+    """The heads of `block.attn`.
+
+    Raises:
+        SparsekitError: the attention class is unknown, or its heads cannot be removed exactly
+            (normalized together, shared keys and values, per-head tables shared by blocks).
+    """
+    attn = getattr(block, "attn", None)
+    layout = _HEAD_LAYOUTS.get(_qualname(attn))
+    if layout is None:
+        known = ", ".join(sorted({n.rsplit(".", 1)[1] for n in _HEAD_LAYOUTS if "Narrow" not in n}))
+        raise SparsekitError(
+            f"{name} is {type(attn).__name__} ({type(attn).__module__}), an attention class "
+            f"whose head layout sparsekit does not know (it knows {known}). Drop the "
+            "head_prune_grow phase for this model, or use unstructured_dst."
+        )
+    if hasattr(attn, "norm") and not isinstance(attn.norm, nn.Identity):
+        raise SparsekitError(
+            f"{name} normalizes its output across all heads (scale_norm), so removing a head "
+            "would change the others' outputs; head pruning cannot be exact on this model. "
+            "Drop the head_prune_grow phase, or use unstructured_dst."
+        )
+    return layout(model, name, attn)
+
+
+def neuron_group(name: str, block: nn.Module) -> UnitGroup:
+    """The hidden neurons of `block.mlp`.
+
+    Raises:
+        SparsekitError: an MLP of another kind, or one that normalizes across its hidden layer.
+    """
+    mlp = getattr(block, "mlp", None)
+    kind = _qualname(mlp)
+    if kind == "timm.layers.mlp.Mlp" and isinstance(mlp.fc1, nn.Linear):
+        producers: tuple[tuple[nn.Linear, int], ...] = ((mlp.fc1, 1),)
+    elif kind == "timm.layers.mlp.SwiGLU":
+        producers = ((mlp.fc1_g, 1), (mlp.fc1_x, 1))
+    elif kind == "timm.layers.mlp.GluMlp" and mlp.chunk_dim == -1:
+        producers = ((mlp.fc1, 2),)  # value and gate halves: neuron i owns rows i and i + H
+    else:
+        raise SparsekitError(
+            f"{name} is {type(mlp).__name__}: neuron pruning supports timm's Mlp, SwiGLU and "
+            "GluMlp. Leave mlp_density and mlp_neurons unset to prune heads only."
+        )
+    if not isinstance(mlp.norm, nn.Identity):
+        raise SparsekitError(
+            f"{name} normalizes across its hidden neurons (scale_mlp), so removing one would "
+            "change the others; neuron pruning cannot be exact on this model. Leave "
+            "mlp_density and mlp_neurons unset."
+        )
+    return UnitGroup(name, "neurons", mlp, mlp.fc2.in_features, 1, producers, mlp.fc2)
+
+
+def _qualname(module: object) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _gate(attn: nn.Module) -> tuple[tuple[nn.Linear, int], ...]:
+    """A gated attention's gate: one row per head feature."""
+    return ((attn.gate, 1),) if getattr(attn, "gate", None) is not None else ()
+
+
+def _qkv(attn: nn.Module) -> tuple[tuple[nn.Linear, int], ...]:
+    if getattr(attn, "qkv", None) is not None:
+        return ((attn.qkv, 3),)
+    return ((attn.q_proj, 1), (attn.k_proj, 1), (attn.v_proj, 1))
+
+
+def _separate_biases(attn: nn.Module, width: int) -> tuple[UnitTensor, ...]:
+    """EVA's and BEiT's q, k and v biases kept beside a bias-free fused qkv."""
+    if getattr(attn, "q_bias", None) is None:
+        return ()
+    return tuple(UnitTensor(attn, a, 0, width) for a in ("q_bias", "k_bias", "v_bias"))
+
+
+def _set(module: nn.Module, **values) -> Callable[[int], None]:
+    """A `resize` that sets each attribute to (units kept) x its factor."""
+
+    def resize(kept: int) -> None:
+        for attr, factor in values.items():
+            setattr(module, attr, kept * factor)
+
+    return resize
+
+
+def _narrowed(module: nn.Module, then: Callable[[int], None]) -> Callable[[int], None]:
+    """A `resize` that also gives the module the forward of its narrow class: timm's forward
+    of these classes reshapes the heads' output to the block's width, which holds only while
+    every head is kept."""
+    from sparsekit.surgery.narrow_attention import narrow_class
+
+    def resize(kept: int) -> None:
+        then(kept)
+        module.__class__ = narrow_class(type(module))
+
+    return resize
+
+
+def _heads(name: str, attn: nn.Module, width: int, producers, **fields) -> UnitGroup:
+    """The heads of `attn`, consumed by its `proj`."""
+    return UnitGroup(name, "heads", attn, attn.num_heads, width, producers, attn.proj, **fields)
+
+
+def _vit_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
+    """timm `Attention` (ViT, DeiT, NaFlexViT, hybrid ViTs): fused qkv, optional gate."""
+    resize = _set(attn, num_heads=1, attn_dim=attn.head_dim)
+    return _heads(name, attn, attn.head_dim, _qkv(attn) + _gate(attn), resize=resize)
+
+
+def _rope_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
+    """timm `AttentionRope` (timm's RoPE ViTs built by eva.py): fused or separate q/k/v."""
+    if attn.num_kv_heads != attn.num_heads:
+        raise SparsekitError(
+            f"{name} shares each key and value head among {attn.num_kv_groups} query heads "
+            "(grouped-query attention), so a query head cannot be removed alone; head pruning "
+            "does not support grouped-query attention yet. Use unstructured_dst."
+        )
+    _refuse_mixed_rope(model, name)
+    resize = _set(attn, num_heads=1, num_kv_heads=1, attn_dim=attn.head_dim, kv_dim=attn.head_dim)
+    return _heads(name, attn, attn.head_dim, _qkv(attn) + _gate(attn), resize=resize)
+
+
+def _eva_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
+    """EVA's `EvaAttention`: fused qkv with separate q/v biases, or separate q/k/v."""
+    _refuse_mixed_rope(model, name)
+    return _heads(
+        name,
+        attn,
+        attn.head_dim,
+        _qkv(attn) + _gate(attn),
+        tensors=_separate_biases(attn, attn.head_dim),
+        resize=_narrowed(attn, _set(attn, num_heads=1)),
+    )
+
+
+def _beit_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
+    """BEiT's `Attention`: fused qkv, separate q/v biases, a relative position bias table
+    with one column per head."""
+    if getattr(model, "rel_pos_bias", None) is not None:
+        raise SparsekitError(
+            f"{name} adds a relative position bias shared by every block "
+            "(use_shared_rel_pos_bias), so its per-head columns cannot follow each block's "
+            "heads; head pruning cannot be exact on this model. Use unstructured_dst."
+        )
+    width = attn.qkv.out_features // 3 // attn.num_heads  # BEiT keeps no head_dim attribute
+    tensors = _separate_biases(attn, width)
+    if attn.relative_position_bias_table is not None:
+        tensors += (UnitTensor(attn, "relative_position_bias_table", 1, 1),)
+
+    def resize(kept: int) -> None:
+        attn.num_heads, attn.head_dim = kept, width
+
+    return _heads(name, attn, width, _qkv(attn), tensors=tensors, resize=_narrowed(attn, resize))
+
+
+def _relpos_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
+    """`RelPosAttention` (vit_relpos_*, vit_srelpos_*): fused qkv and a relative position
+    bias per head, from a table (`RelPosBias`) or a small MLP (`RelPosMlp`)."""
+    if getattr(model, "shared_rel_pos", None) is not None:
+        raise SparsekitError(
+            f"{name} adds a relative position bias shared by every block (vit_srelpos_*), so its "
+            "per-head part cannot follow each block's heads; head pruning cannot be exact on "
+            "this model. Use unstructured_dst."
+        )
+    rel = attn.rel_pos
+    tensors: tuple[UnitTensor, ...] = ()
+    resizes = [_set(attn, num_heads=1)]
+    if rel is not None and hasattr(rel, "relative_position_bias_table"):
+        tensors = (UnitTensor(rel, "relative_position_bias_table", 1, 1),)
+        resizes.append(_bias_shape(rel))
+    elif rel is not None:  # RelPosMlp: its last layer has one output per head
+        fc2 = rel.mlp.fc2
+        tensors = (UnitTensor(fc2, "weight", 0, 1),)
+        if fc2.bias is not None:
+            tensors += (UnitTensor(fc2, "bias", 0, 1),)
+        resizes += [_set(rel, num_heads=1), _set(fc2, out_features=1), _bias_shape(rel)]
+
+    def resize(kept: int) -> None:
+        for step in resizes:
+            step(kept)
+
+    return _heads(
+        name, attn, attn.head_dim, _qkv(attn), tensors=tensors, resize=_narrowed(attn, resize)
+    )
+
+
+def _diff_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
+    """timm `DiffAttention`: each head owns two q and two k sub-heads and a v of twice the
+    head width, contiguous in the fused qkv's chunks, and normalizes only its own output."""
+    width = 2 * attn.head_dim
+    return _heads(name, attn, width, _qkv(attn), resize=_narrowed(attn, _set(attn, num_heads=1)))
+
+
+def _bias_shape(rel: nn.Module) -> Callable[[int], None]:
+    def resize(kept: int) -> None:
+        rel.bias_shape = (*rel.bias_shape[:-1], kept)
+
+    return resize
+
+
+def _refuse_mixed_rope(model: nn.Module, name: str) -> None:
+    if getattr(model, "rope_mixed", False) or getattr(model, "rope_is_mixed", False):
+        raise SparsekitError(
+            f"{name} uses learned rotary frequencies per head and block (rope_mixed), held by "
+            "one model-level module, so they cannot follow each block's heads; head pruning is "
+            "not supported on the rope_mixed ViTs yet. Use unstructured_dst."
+        )
+
+
+_HEAD_LAYOUTS: dict[str, Callable[[nn.Module, str, nn.Module], UnitGroup]] = {
+    "timm.layers.attention.Attention": _vit_attention,
+    "timm.layers.attention.AttentionRope": _rope_attention,
+    "timm.models.eva.EvaAttention": _eva_attention,
+    "timm.models.beit.Attention": _beit_attention,
+    "timm.models.vision_transformer_relpos.RelPosAttention": _relpos_attention,
+    "timm.layers.diff_attention.DiffAttention": _diff_attention,
+    # The same classes once compacted (`narrow_attention`).
+    "sparsekit.surgery.narrow_attention.NarrowEvaAttention": _eva_attention,
+    "sparsekit.surgery.narrow_attention.NarrowBeitAttention": _beit_attention,
+    "sparsekit.surgery.narrow_attention.NarrowRelPosAttention": _relpos_attention,
+    "sparsekit.surgery.narrow_attention.NarrowDiffAttention": _diff_attention,
+}
+
+
+def attention_shape(attn: nn.Module) -> tuple[int, int]:
+    """(heads, head width) of the attention of any supported block, whether or not its heads
+    can be pruned: the width is each head's share of the proj input (BEiT keeps no `head_dim`;
+    a `DiffAttention` head is two sub-heads wide)."""
+    heads = attn.num_heads
+    return heads, attn.proj.in_features // heads
+
+
+def mlp_width(mlp: nn.Module) -> int:
+    """Hidden neurons of the MLP of any supported block (the input width of its fc2)."""
+    return mlp.fc2.in_features
