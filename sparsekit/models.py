@@ -156,11 +156,12 @@ def check_spec(spec: ModelSpec) -> int:
     return its parameter count. Every spec `create_model` builds goes through it: the trainer's
     (--model-arg), a run folder's and an export manifest's.
 
-    Checked in order: the name is a timm model of the VisionTransformer family; no keyword
-    argument opens files, downloads or picks a device or dtype (`DENIED_MODEL_ARGS`); values are
-    JSON-like scalars or flat lists of them; sizes are within `MODEL_ARG_BOUNDS` and the patch
-    fits the image; timm accepts the arguments and builds a model sparsekit supports (on the meta
-    device, which allocates nothing); and the model has at most `MAX_PARAMS` parameters.
+    Checked in order: the name is a timm model of a supported family (`SUPPORTED_FAMILIES`); no
+    keyword argument opens files, downloads or picks a device or dtype (`DENIED_MODEL_ARGS`);
+    values are JSON-like scalars or flat lists of them; sizes are within `MODEL_ARG_BOUNDS` and
+    the patch fits the image; timm accepts the arguments and builds a model sparsekit supports
+    (on the meta device, which allocates nothing); the model has at most `MAX_PARAMS`
+    parameters; and it runs on one image (on the meta device too).
 
     Raises:
         SparsekitError: what is refused and how to fix it.
@@ -186,7 +187,30 @@ def check_spec(spec: ModelSpec) -> int:
             f"sparsekit builds ({MAX_PARAMS:,}; the largest timm ViT has 2.7e9); nothing was "
             "allocated. Lower depth, embed_dim, img_size or num_classes."
         )
+    _check_forward(spec, model)
     return params
+
+
+def _check_forward(spec: ModelSpec, model: nn.Module) -> None:
+    """Run the meta-device model on one image (shapes only, nothing computed): timm builds some
+    argument combinations it cannot run (BEiT with an embed_dim that num_heads does not divide)."""
+    import torch
+
+    from sparsekit.surgery.geometry import input_size
+
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty(1, *input_size(model), device="meta"))
+    except NotImplementedError:
+        return  # an operation without a meta kernel: nothing to learn here
+    except Exception as err:  # noqa: BLE001 - any failure of timm's forward is the spec's
+        if "meta" in str(err).lower():
+            return  # code that reads values, which meta tensors do not hold
+        raise SparsekitError(
+            f"timm builds {spec.name} with {_args(spec.kwargs)} but cannot run it: "
+            f"{type(err).__name__}: {_first_line(err)}. Change or remove these model arguments "
+            "(embed_dim must be a multiple of num_heads, the image a whole number of patches)."
+        ) from None
 
 
 def _check_name(name: Any) -> None:

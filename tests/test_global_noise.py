@@ -146,3 +146,21 @@ def test_a_distributed_run_refuses_out_of_reach_noise_when_built(
     monkeypatch.setattr(global_noise, "rank_and_world", lambda: (1, 2))
     with pytest.raises(SparsekitError, match="attn_drop_rate=0"):
         GlobalBatchNoise(tiny_vit(attn_drop_rate=0.1))
+
+
+def test_the_relative_position_mlp_keeps_torchs_dropout() -> None:
+    """RelPosMlp's dropout acts on a bias all samples share (not batch-first): it is left to
+    torch, one draw per forward alike on every rank, and training runs."""
+    import timm
+
+    from sparsekit.surgery.global_noise import GlobalBatchNoise
+
+    model = timm.create_model(
+        "vit_relpos_base_patch16_rpn_224", pretrained=False, img_size=32, patch_size=8, depth=2
+    ).train()
+    noise = GlobalBatchNoise(model)
+    shared = [m for m in model.modules() if type(m).__name__ == "RelPosMlp"][0]
+    dropouts = [m for m in shared.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert dropouts and not any("forward" in vars(m) for m in dropouts)
+    model(torch.randn(3, 3, 32, 32)).sum().backward()
+    noise.remove()

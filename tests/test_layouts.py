@@ -31,6 +31,7 @@ from sparsekit.surgery.active import ActiveForward, check_active
 from sparsekit.surgery.compact import compact_, zero_units_
 from sparsekit.surgery.layouts import head_group, neuron_group
 from sparsekit.surgery.narrow_attention import narrow_class
+from sparsekit.surgery.token_positions import hidden_keys
 from sparsekit.surgery.units import UnitGate
 
 DIM, HEADS, TOKENS, PREFIX = 32, 4, 7, 1  # 6 patches on a 2x3 grid after one class token
@@ -75,6 +76,8 @@ ATTENTIONS = {
             (2, 3), num_heads, prefix_tokens=PREFIX, **kw
         ),
     ),
+    "beit_shared_bias": lambda: BeitAttention(DIM, HEADS, qkv_bias=True),
+    "relpos_shared_bias": lambda: RelPosAttention(DIM, HEADS),
     "diff": lambda: DiffAttention(DIM, HEADS, qkv_bias=True, qk_norm=True),
     "diff_dual_lambda": lambda: DiffAttention(DIM, HEADS, dual_lambda=True),
     "relpos_mlp": lambda: RelPosAttention(
@@ -88,10 +91,21 @@ ATTENTIONS = {
 ROPE = {"rope_fused", "rope_separate_half", "eva_fused", "eva_bias_separate_gated", "eva_separate"}
 
 
+def _hidden_keys() -> torch.Tensor:
+    """What token selection shares into a relative-position block: key 2 of 7 hidden."""
+    alive = torch.ones(3, TOKENS, dtype=torch.bool)
+    alive[:, 2] = False
+    return hidden_keys(alive, torch.float32)
+
+
 def _attention(kind: str):
     attn = _init(ATTENTIONS[kind]())
     group = head_group(SimpleNamespace(), "blocks.0.attn", SimpleNamespace(attn=attn))
     kwargs = {"rope": _rope()} if kind in ROPE else {}
+    if kind == "beit_shared_bias":
+        kwargs = {"shared_rel_pos_bias": _hidden_keys()}
+    if kind == "relpos_shared_bias":
+        kwargs = {"shared_rel_pos": _hidden_keys()}
     return attn, group, kwargs
 
 

@@ -408,3 +408,11 @@ def test_cli_apply_adapts_a_checkpoint_to_the_digits(tmp_path: Path) -> None:
         app, [*args, "--checkpoint", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "o")]
     )
     assert result.exit_code == 1 and "no such checkpoint file" in result.output
+
+
+def test_arguments_timm_builds_but_cannot_run_are_refused_before_training() -> None:
+    """BEiT does not check that num_heads divides embed_dim: its forward fails, and sparsekit
+    finds out on the meta device, before any weight is allocated."""
+    spec = ModelSpec("beit_base_patch16_224", {**SMALL, "embed_dim": 64})
+    with pytest.raises(SparsekitError, match="builds beit_base_patch16_224 .* cannot run it"):
+        check_spec(spec)

@@ -226,3 +226,47 @@ def test_short_real_run_with_all_three_phases_exports_loads_and_matches(tmp_path
     cost = model_cost(loaded)
     assert cost.blocks[0].tokens == 3
     assert cost.flops < 0.75 * model_cost(create_model(run.spec)).flops
+
+
+FAMILIES = [
+    ("eva02_tiny_patch14_224", {"img_size": 28}),  # rotary embeddings gathered by position
+    ("vit_base_patch16_rope_mixed_224", {}),  # rotary embeddings per head
+    ("beit_base_patch16_224", {}),  # a relative position bias table per block
+    ("vit_relpos_base_patch16_rpn_224", {}),  # a bias from RelPosMlp, res-post-norm blocks
+    ("vit_relpos_medium_patch16_cls_224", {}),  # a bias table with a class token
+    ("vit_srelpos_small_patch16_224", {}),  # a bias shared by all blocks
+    ("vit_base_patch16_siglip_224", {}),  # attention pooling
+]
+
+
+@pytest.mark.parametrize(("name", "size"), FAMILIES)
+def test_positions_follow_the_kept_tokens_in_every_family(name: str, size: dict) -> None:
+    """Masked training and the gathered forward compute the same, with rotary embeddings and
+    relative position biases (noise and dropout off): each kept token keeps its position."""
+    from sparsekit.models import ModelSpec, create_model
+
+    kwargs = {"img_size": 32, "depth": 3, "num_classes": 5, "patch_size": 4, **size}
+    if name.startswith("eva02"):
+        kwargs["patch_size"] = 7
+    torch.manual_seed(0)
+    model = create_model(ModelSpec(name, kwargs))
+    with torch.no_grad():  # timm starts position tables and biases at zero
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    for module in model.modules():  # RelPosMlp's dropout would differ between the forwards
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    selection = TokenSelection(model, [Placement(1, 0.5), Placement(2, 0.5)])
+    selection.noise = False
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+    with torch.no_grad():
+        gathered = model.eval()(x)
+        masked = model.train()(x)
+        selection.gather_in_training = True
+        gathered_training = model(x)
+    torch.testing.assert_close(masked, gathered, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gathered_training, gathered, rtol=1e-5, atol=1e-6)
+    selection.remove()
+    assert not any("forward" in vars(m) or "get_bias" in vars(m) for m in model.modules())
+    with torch.no_grad():  # the selection changed the result: the comparison above is not empty
+        assert not torch.allclose(model.eval()(x), gathered, atol=1e-4)

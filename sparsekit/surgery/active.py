@@ -112,9 +112,9 @@ def _rows(linear: nn.Linear, index: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
     """The forward of every attention class `layouts` knows (timm's `Attention` and
     `AttentionRope`, `EvaAttention`, BEiT's `Attention`, `RelPosAttention`, `DiffAttention`)
-    on the kept heads only, in timm's order of operations: q/k/v from a fused or separate projections (EVA's and
-    BEiT's separate biases sliced alike), q/k norms, rotary embeddings past the prefix tokens,
-    each kept head's slice of a relative position bias, the attention gate."""
+    on the kept heads only, in timm's order of operations: q/k/v from a fused or separate
+    projections (EVA's and BEiT's separate biases sliced alike), q/k norms, rotary embeddings
+    past the prefix tokens, each kept head's slice of a relative position bias, the gate."""
     from sparsekit.surgery.narrow_attention import attend, differential_heads
 
     # The class forward's arguments after (self, x), by position: rope, attn_mask, is_causal,
@@ -178,14 +178,25 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
 
 
 def _head_bias(attn: nn.Module, options: dict, units: torch.Tensor) -> torch.Tensor | None:
-    """What the attention adds to its scores, for the kept heads: the key mask it was given,
-    or its relative position bias (BEiT's table, `RelPosAttention`'s `rel_pos`) sliced to the
-    kept heads. A bias shared by all blocks never reaches here: `layouts` refuses head pruning
-    with one."""
-    if getattr(attn, "relative_position_bias_table", None) is not None:  # BEiT
-        return attn._get_rel_pos_bias().index_select(1, units)
-    if getattr(attn, "rel_pos", None) is not None:  # RelPosAttention
-        return attn.rel_pos.get_bias().index_select(1, units)
+    """What the attention adds to its scores, for the kept heads, as each class combines it:
+    the key mask it was given; BEiT's table plus any bias the block shares in; the
+    relative-position ViTs' `rel_pos`, else the shared bias. Per-head biases are sliced to the
+    kept heads (a per-head bias shared by all blocks never reaches here: `layouts` refuses head
+    pruning with one; token selection shares in a mask that is the same for every head)."""
+
+    def kept(bias: torch.Tensor | None) -> torch.Tensor | None:
+        return bias.index_select(1, units) if bias is not None and bias.shape[1] > 1 else bias
+
+    if hasattr(attn, "relative_position_bias_table"):  # BEiT: own table + shared
+        own = None
+        if attn.relative_position_bias_table is not None:
+            own = kept(attn._get_rel_pos_bias())
+        shared = kept(options.get("shared_rel_pos_bias"))
+        return shared if own is None else own if shared is None else own + shared
+    if hasattr(attn, "rel_pos"):  # RelPosAttention: its own bias, else the shared one
+        if attn.rel_pos is not None:
+            return kept(attn.rel_pos.get_bias())
+        return kept(options.get("shared_rel_pos"))
     return options.get("attn_mask")
 
 

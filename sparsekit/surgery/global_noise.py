@@ -12,9 +12,12 @@ probability above 0 for one that draws the noise of the whole global batch, with
 from the same generator state on every rank, and keeps this rank's rows, exactly as token
 selection draws its Gumbel noise. Every rank draws as much as one process does, so the generators
 advance alike everywhere (and the trainer's checkpoints, which hold them, still resume bit for
-bit). In one process the global batch is the local batch and the draw is the one timm's
-`drop_path` and torch's CPU dropout make themselves: the results do not change (on CUDA,
-`nn.Dropout` no longer uses its fused kernel, so it draws other, equally distributed numbers).
+bit). Dropout inside the relative-position ViTs' bias MLP (`RelPosMlp`) acts on a bias the
+whole batch shares, so it keeps torch's own forward: one draw per forward, alike on every rank,
+as one process draws it. In one process the global batch is the local batch and the draw is the
+one timm's `drop_path` and torch's CPU dropout make themselves: the results do not change (on
+CUDA, `nn.Dropout` no longer uses its fused kernel, so it draws other, equally distributed
+numbers).
 
 Rank r's rows are the r-th equal share of the global batch (what `EpochOrder` yields);
 an uneven batch states its rows with `batch_rows(start, total)`. Noise that sparsekit cannot draw
@@ -91,6 +94,7 @@ class GlobalBatchNoise:
 
     def __init__(self, model: nn.Module):
         from timm.layers import DropPath, PatchDropout
+        from timm.layers.pos_embed_rel import RelPosMlp
 
         self.model = model
         self._batch: int | None = None  # the local batch of the forward in progress
@@ -98,7 +102,14 @@ class GlobalBatchNoise:
         self._patch_dropout = PatchDropout
         self.modules: list[nn.Module] = []
         self._check()
+        # The relative-position ViTs' bias MLP (`RelPosMlp`) drops out of a bias the whole batch
+        # shares: one draw per forward, alike on every rank, which torch's own dropout makes.
+        shared = {
+            id(m) for rel in model.modules() if isinstance(rel, RelPosMlp) for m in rel.modules()
+        }
         for module in model.modules():
+            if id(module) in shared:
+                continue
             if isinstance(module, DropPath) and module.drop_prob > 0:
                 module.forward = types.MethodType(self._drop_path, module)
             elif isinstance(module, nn.Dropout) and module.p > 0:

@@ -1,8 +1,8 @@
 """Forwards for attentions that keep fewer heads than their block is wide.
 
-timm's `EvaAttention`, BEiT's `Attention`, `RelPosAttention` and `DiffAttention` reshape the heads' output to
-the block's width (`reshape(B, N, C)` with C the input's), which holds only while every head is
-kept. Compaction gives such a module its narrow class below: the same module, parameters and
+timm's `EvaAttention`, BEiT's `Attention`, `RelPosAttention` and `DiffAttention` reshape the
+heads' output to the block's width (`reshape(B, N, C)` with C the input's), which holds only
+while every head is kept. Compaction gives such a module its narrow class below: the same module, parameters and
 state-dict keys, whose forward is timm's with the heads' output reshaped to
 `num_heads x head_dim`. `tests/test_layouts.py` checks each against timm's own forward.
 """

@@ -27,6 +27,14 @@ from torch import nn
 
 from sparsekit.errors import SparsekitError
 from sparsekit.surgery.edits import ModelEdits
+from sparsekit.surgery.token_positions import (
+    SHARED_BIAS,
+    BlockPositions,
+    block_positions,
+    hidden_keys,
+    kept_bias,
+    kept_rope,
+)
 
 POOLS = ("token", "avg", "max")  # pools whose result can ignore dropped tokens exactly
 # and attention pooling (`map`, SigLIP's `AttentionPoolLatent`), which takes a key mask
@@ -100,11 +108,13 @@ class TokenSelection:
         at = {p.before_block: p for p in self.placements}
         first = self.placements[0].before_block
         for index, block in enumerate(model.blocks):
-            if index in at:
-                hook = block.register_forward_pre_hook(self._selector(at[index]), with_kwargs=True)
-                self.edits.hook(hook)
-            elif index > first:
-                self.edits.hook(block.register_forward_pre_hook(self._later, with_kwargs=True))
+            if index < first:
+                continue
+            positions = block_positions(block)
+            hook = self._selector(at[index], positions) if index in at else self._later(positions)
+            self.edits.hook(block.register_forward_pre_hook(hook, with_kwargs=True))
+            if positions.own_bias is not None:
+                self._wrap_bias(*positions.own_bias)
         self.edits.hook(model.norm.register_forward_hook(self._fill_dropped))
         if getattr(model, "attn_pool", None) is not None:  # SigLIP's attention pooling
             hook = model.attn_pool.register_forward_pre_hook(self._pool_mask, with_kwargs=True)
@@ -133,7 +143,7 @@ class TokenSelection:
         return out
 
     # --- hooks -----------------------------------------------------------------------------
-    def _selector(self, placement: Placement):
+    def _selector(self, placement: Placement, positions: BlockPositions):
         scorer = self.model.token_selectors[str(placement.before_block)]
         first = placement is self.placements[0]
 
@@ -145,53 +155,74 @@ class TokenSelection:
             x = args[0]
             if block.training and not self.gather_in_training:
                 x = self._select_masked(x, scorer, placement.keep_ratio)
-                return (x, *args[1:]), {**kwargs, "attn_mask": self._key_mask()}
-            if block.training:
+            elif block.training:
                 x = self._select_gathered_train(x, scorer, placement.keep_ratio)
             else:
                 x = self._select_gathered(x, scorer, placement.keep_ratio)
-            return (x, *args[1:]), self._kept_rope(kwargs)
+            return (x, *args[1:]), self._positioned(kwargs, positions, x.dtype)
 
         return hook
 
-    def _later(self, block: nn.Module, args: tuple, kwargs: dict):
-        """A block after the first selector: the key mask (masked mode) or the kept patches'
-        rotary embeddings (gathered modes)."""
-        if self._alive is not None:
-            return args, {**kwargs, "attn_mask": self._key_mask()}
-        if self._kept is not None and kwargs.get("rope") is not None:
-            return args, self._kept_rope(kwargs)
-        return None
+    def _later(self, positions: BlockPositions):
+        """A block after the first selector: the key mask (masked mode), or the kept tokens'
+        rotary embeddings and shared relative bias (gathered modes)."""
+
+        def hook(block: nn.Module, args: tuple, kwargs: dict):
+            if self._alive is None and self._kept is None:
+                return None
+            return args, self._positioned(kwargs, positions, args[0].dtype)
+
+        return hook
+
+    def _positioned(self, kwargs: dict, positions: BlockPositions, dtype: torch.dtype) -> dict:
+        """The block's keyword inputs for the current selection (`token_positions`)."""
+        out = dict(kwargs)
+        if self._alive is not None:  # masked: hide the dropped keys
+            if positions.mask_arg == "attn_mask":
+                out["attn_mask"] = self._key_mask()
+            elif positions.own_bias is None:  # else its own bias hides them (`_wrap_bias`)
+                given, hidden = kwargs.get(positions.mask_arg), hidden_keys(self._alive, dtype)
+                out[positions.mask_arg] = hidden if given is None else given + hidden
+        elif self._kept is not None:  # gathered: each kept token keeps its position
+            if kwargs.get("rope") is not None:
+                out["rope"] = kept_rope(kwargs["rope"], self._kept)
+            for arg in SHARED_BIAS:
+                if kwargs.get(arg) is not None:
+                    out[arg] = kept_bias(kwargs[arg], self._kept_tokens())
+        return out
+
+    def _wrap_bias(self, owner: nn.Module, method: str) -> None:
+        """Make the block's own relative position bias follow the selection: plus the hidden
+        keys while masking, at the kept tokens once gathered."""
+        plain = getattr(owner, method)
+
+        def bias() -> torch.Tensor:
+            full = plain()
+            if self._alive is not None:
+                return full + hidden_keys(self._alive, full.dtype)
+            if self._kept is not None:
+                return kept_bias(full, self._kept_tokens())
+            return full
+
+        setattr(owner, method, bias)
+        self.edits.add_undo(lambda: delattr(owner, method))
 
     def _keep(self, index: torch.Tensor) -> None:
         """Record which patches a gathered selection kept, as positions in the patch grid."""
         self._kept = index if self._kept is None else self._kept.gather(1, index)
 
-    def _kept_rope(self, kwargs: dict) -> dict:
-        """The block's rotary embeddings (`rope`, EVA's blocks) at the kept patches' grid
-        positions, per sample: a gathered sequence no longer lines up with the grid, so each
-        kept token must rotate by its own position, exactly as at full length. Embeddings are
-        (patches, dim), or per head (heads, patches, dim) or (batch, heads, patches, dim)."""
-        rope = kwargs.get("rope")
-        if rope is None or self._kept is None:
-            return kwargs
-        kept = self._kept
-        if rope.ndim == 2:
-            rope = rope[kept].unsqueeze(1)  # batch, 1, kept, dim
-        elif rope.ndim == 3:
-            rope = rope[:, kept].transpose(0, 1)  # batch, heads, kept, dim
-        else:
-            index = kept[:, None, :, None].expand(-1, rope.shape[1], -1, rope.shape[-1])
-            rope = rope.expand(kept.shape[0], -1, -1, -1).gather(2, index)
-        return {**kwargs, "rope": rope}
+    def _kept_tokens(self) -> torch.Tensor:
+        """The kept tokens' positions in the full sequence: the prefix, then the kept patches."""
+        prefix = torch.arange(self.prefix, device=self._kept.device)
+        prefix = prefix.expand(self._kept.shape[0], -1)
+        return torch.cat([prefix, self._kept + self.prefix], dim=1)
 
     def _pool_mask(self, module: nn.Module, args: tuple, kwargs: dict):
         """Masked mode: the attention pool's latent query attends to the kept tokens only (an
         additive mask: timm's unfused pool adds its mask to the scores)."""
         if self._alive is None:
             return None
-        hidden = torch.zeros(self._key_mask().shape, dtype=args[0].dtype, device=args[0].device)
-        return args, {**kwargs, "attn_mask": hidden.masked_fill(~self._key_mask(), float("-inf"))}
+        return args, {**kwargs, "attn_mask": hidden_keys(self._alive, args[0].dtype)}
 
     def _fill_dropped(self, module: nn.Module, args: tuple, out: torch.Tensor):
         """Give dropped tokens a value the pool cannot see: the mean of the kept tokens (for
@@ -338,22 +369,11 @@ def check_selectable(model: nn.Module, placements: list[Placement]) -> None:
             "token_select phase, or pick a fixed-size ViT (vit_*, eva02_*)."
         )
     for index, block in enumerate(model.blocks):
-        relative = any(
-            hasattr(m, "relative_position_bias_table") or hasattr(m, "rel_pos")
-            for m in block.modules()
-        )
-        if relative:
+        if block_positions(block).mask_arg is None:
             raise SparsekitError(
-                f"block {index} ({type(block).__name__}) adds a relative position bias over the "
-                "full grid inside its attention and takes no key mask, so dropped tokens could "
-                "be neither hidden nor gathered exactly; token selection is not supported on "
-                "BEiT and relative-position ViTs. Drop the token_select phase for this model."
-            )
-        if "attn_mask" not in inspect.signature(block.forward).parameters:
-            raise SparsekitError(
-                f"block {index} ({type(block).__name__}) takes no attention mask, so dropped "
-                "tokens could not be hidden from it during training; token selection is not "
-                "supported on this model."
+                f"block {index} ({type(block).__name__}) takes neither an attention mask nor a "
+                "relative position bias, so dropped tokens could not be hidden from it during "
+                "training; token selection is not supported on this model."
             )
 
 

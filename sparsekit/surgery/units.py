@@ -1,10 +1,11 @@
 """Structured units of a timm ViT: the heads of each attention and the hidden neurons of each MLP.
 
 A `UnitGroup` says which rows, columns and tensors belong to each unit; `layouts` builds them
-from the modules themselves, class by class, so no head count is ever passed by hand. A unit is switched off by a 0/1 gate
-on the input of the layer that consumes it (`proj` for heads, `fc2` for neurons): a gated-off
-head or neuron then contributes exactly nothing, biases included, which is what makes the masked
-model and the physically compacted one compute the same function.
+from the modules themselves, class by class, so no head count is ever passed by hand. A unit is
+switched off by a 0/1 gate on the input of the layer that consumes it (`proj` for heads, `fc2`
+for neurons): a gated-off head or neuron then contributes exactly nothing, biases included,
+which is what makes the masked model and the physically compacted one compute the same
+function.
 """
 
 from __future__ import annotations
