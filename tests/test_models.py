@@ -63,6 +63,35 @@ def test_targets_found_by_role(name: str) -> None:
         assert "head_dist" in names
 
 
+@pytest.mark.parametrize(
+    ("name", "roles"),
+    [
+        ("eva02_tiny_patch14_224", {"qkv": ["attn.qkv"], "fc1": ["mlp.fc1"]}),  # GluMlp
+        ("eva02_large_patch14_clip_224", {"fc1": ["mlp.fc1_g", "mlp.fc1_x"]}),  # SwiGLU
+        ("beit_base_patch16_224", {"qkv": ["attn.qkv"], "proj": ["attn.proj"]}),
+        (
+            "vit_small_patch16_18x2_224",
+            {
+                "qkv": ["attns.0.attn.qkv", "attns.1.attn.qkv"],
+                "fc2": ["ffns.0.mlp.fc2", "ffns.1.mlp.fc2"],
+            },
+        ),
+        (
+            "vit_base_patch16_xp_224",
+            {"qkv": ["in_proj"], "proj": ["attn_out_proj"], "fc2": ["mlp_out_proj"]},
+        ),
+        ("vit_dpwee_patch16_reg1_gap_256", {"qkv": ["in_proj"], "proj": ["out_proj"]}),
+    ],
+)
+def test_roles_in_every_family(name: str, roles: dict[str, list[str]]) -> None:
+    """Each family's block layout, parallel blocks included: `in_proj` (q, k, v and the MLP's
+    first layer fused) plays the qkv role."""
+    model = timm.create_model(name, pretrained=False, img_size=32, depth=2, num_classes=10)
+    for role, suffixes in roles.items():
+        found = [t.name for t in find_targets(model, [role])]
+        assert found == [f"blocks.{i}.{s}" for i in range(2) for s in suffixes], role
+
+
 def test_include_exclude_patterns() -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL)
     found = find_targets(model, ["fc1", "fc2"], include=["blocks.1.*"], exclude=["*.fc2"])

@@ -292,6 +292,7 @@ FAMILIES = [
     "vit_small_r26_s32_224",  # hybrid: a ResNet stem
     "naflexvit_base_patch16_gap",  # NaFlexViT on plain images
     "vit_dwee_patch16_reg1_gap_256",  # DiffAttention, registers, token selection
+    "vit_pwee_patch16_reg1_gap_256",  # parallel blocks (fused in_proj), token selection
 ]
 
 

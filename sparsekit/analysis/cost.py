@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsekit.surgery.geometry import patch_count, patch_embedding
-from sparsekit.surgery.layouts import attention_shape, mlp_width
+from sparsekit.surgery.layouts import block_shape
 from sparsekit.surgery.tokens import selection_of
 from sparsekit.surgery.units import UnitGroup
 
@@ -76,12 +76,12 @@ def model_cost(model: nn.Module) -> ModelCost:
 def _block_cost(block: nn.Module, n: int) -> BlockCost:
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     flops = sum(2 * n * m.in_features * m.out_features for m in linears)
-    heads, head_dim = attention_shape(block.attn)
+    heads, head_dim, hidden = block_shape(block)
     flops += 4 * n * n * heads * head_dim
     return BlockCost(
         heads=heads,
         head_dim=head_dim,
-        mlp_hidden=mlp_width(block.mlp),
+        mlp_hidden=hidden,
         tokens=n,
         params=sum(p.numel() for p in block.parameters()),
         nonzero=sum(int(torch.count_nonzero(m.weight)) for m in linears),

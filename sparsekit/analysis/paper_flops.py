@@ -30,7 +30,7 @@ from torch import nn
 
 from sparsekit.analysis.cost import block_tokens, tokens_of
 from sparsekit.surgery.geometry import patch_count, patch_embedding
-from sparsekit.surgery.layouts import attention_shape
+from sparsekit.surgery.layouts import attention_shape, block_shape
 from sparsekit.surgery.tokens import selection_of
 
 
@@ -132,16 +132,16 @@ def paper_model_cost(model: nn.Module, dense: nn.Module) -> PaperCost:
 
 
 def _block_layout(block: nn.Module, dense_block: nn.Module, tokens: int) -> PaperBlockLayout:
-    attn, dense_attn = block.attn, dense_block.attn
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
-    heads, head_dim = attention_shape(dense_attn)
+    heads, head_dim, _ = block_shape(dense_block)
+    attn = getattr(block, "attn", None)  # a parallel block has none, and prunes no head
     return PaperBlockLayout(
         tokens=tokens,
         heads=heads,
         head_dim=head_dim,
-        pruned_heads=heads - _live_heads(attn),
+        pruned_heads=heads - (_live_heads(attn) if attn is not None else heads),
         linear_nonzero=sum(_nonzero(m.weight) for m in linears),
-        proj_out=attn.proj.out_features,
+        proj_out=attn.proj.out_features if attn is not None else 0,
     )
 
 

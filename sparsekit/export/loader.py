@@ -17,7 +17,7 @@ from sparsekit.export.manifest import METADATA_KEY, READABLE_VERSIONS, Manifest,
 from sparsekit.export.sparse_storage import unpack
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.surgery.compact import shrink_
-from sparsekit.surgery.layouts import attention_shape, mlp_width
+from sparsekit.surgery.layouts import block_shape
 from sparsekit.surgery.tokens import Placement, TokenSelection
 
 
@@ -133,7 +133,7 @@ def built_export(
         )
     sizes: dict[str, int] = {}
     for i, (shape, block) in enumerate(zip(manifest.blocks, model.blocks, strict=True)):
-        (heads, head_dim), hidden = attention_shape(block.attn), mlp_width(block.mlp)
+        heads, head_dim, hidden = block_shape(block)
         if shape.head_dim != head_dim:
             raise SparsekitError(
                 f"{path}: block {i} has head width {shape.head_dim} in the manifest but "

@@ -451,10 +451,10 @@ def _write_folder(
 
     selection = selection_of(model)
     selectors = [(p.before_block, p.keep_ratio) for p in selection.placements] if selection else []
-    from sparsekit.surgery.layouts import attention_shape, mlp_width
+    from sparsekit.surgery.layouts import block_shape
 
-    heads = [attention_shape(b.attn)[0] for b in model.blocks]
-    hidden = [mlp_width(b.mlp) for b in model.blocks]
+    shapes = [block_shape(b) for b in model.blocks]
+    heads, hidden = [s[0] for s in shapes], [s[2] for s in shapes]
     metadata = {
         "model": name,
         "model_kwargs": kwargs,

@@ -47,7 +47,7 @@ from sparsekit.hashing import recipe_sha256
 from sparsekit.models import ModelSpec
 from sparsekit.run_folder.records import read_run_json
 from sparsekit.run_folder.trained_run import open_run
-from sparsekit.surgery.layouts import attention_shape, mlp_width
+from sparsekit.surgery.layouts import block_shape
 from sparsekit.surgery.tokens import Placement
 from sparsekit.version import __version__
 
@@ -136,8 +136,8 @@ def block_shapes(model: nn.Module) -> list[BlockShape]:
     """Heads, head width and MLP width of each block, read from the modules."""
     shapes = []
     for block in model.blocks:
-        heads, head_dim = attention_shape(block.attn)
-        shapes.append(BlockShape(heads=heads, head_dim=head_dim, mlp_hidden=mlp_width(block.mlp)))
+        heads, head_dim, hidden = block_shape(block)
+        shapes.append(BlockShape(heads=heads, head_dim=head_dim, mlp_hidden=hidden))
     return shapes
 
 

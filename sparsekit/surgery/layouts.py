@@ -14,6 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from sparsekit.errors import SparsekitError
+from sparsekit.surgery.targets import PARALLEL_BLOCKS
 from sparsekit.surgery.units import UnitGroup, UnitTensor
 
 
@@ -62,6 +63,7 @@ def head_group(model: nn.Module, name: str, block: nn.Module) -> UnitGroup:
         SparsekitError: the attention class is unknown, or its heads cannot be removed exactly
             (normalized together, shared keys and values, per-head tables shared by blocks).
     """
+    _refuse_parallel(name, block)
     attn = getattr(block, "attn", None)
     layout = _HEAD_LAYOUTS.get(_qualname(attn))
     if layout is None:
@@ -86,6 +88,7 @@ def neuron_group(name: str, block: nn.Module) -> UnitGroup:
     Raises:
         SparsekitError: an MLP of another kind, or one that normalizes across its hidden layer.
     """
+    _refuse_parallel(name, block)
     mlp = getattr(block, "mlp", None)
     kind = _qualname(mlp)
     if kind == "timm.layers.mlp.Mlp" and isinstance(mlp.fc1, nn.Linear):
@@ -106,6 +109,15 @@ def neuron_group(name: str, block: nn.Module) -> UnitGroup:
             "mlp_density and mlp_neurons unset."
         )
     return UnitGroup(name, "neurons", mlp, mlp.fc2.in_features, 1, producers, mlp.fc2)
+
+
+def _refuse_parallel(name: str, block: nn.Module) -> None:
+    if type(block).__name__ in PARALLEL_BLOCKS:
+        raise SparsekitError(
+            f"{name.rsplit('.', 1)[0]} is a {type(block).__name__}, which runs its attention and "
+            "MLP side by side; head and neuron pruning do not support parallel blocks yet "
+            "(unstructured_dst and token_select do). Drop the head_prune_grow phase."
+        )
 
 
 def _qualname(module: object) -> str:
@@ -277,6 +289,20 @@ _HEAD_LAYOUTS: dict[str, Callable[[nn.Module, str, nn.Module], UnitGroup]] = {
     "sparsekit.surgery.narrow_attention.NarrowRelPosAttention": _relpos_attention,
     "sparsekit.surgery.narrow_attention.NarrowDiffAttention": _diff_attention,
 }
+
+
+def block_shape(block: nn.Module) -> tuple[int, int, int]:
+    """(heads, head width, MLP hidden neurons) of any supported block, whether or not its
+    units can be pruned. A parallel block counts the heads and neurons of all its branches."""
+    if hasattr(block, "attns"):  # ParallelThingsBlock: parallel Attention and Mlp branches
+        shapes = [attention_shape(branch.attn) for branch in block.attns]
+        hidden = sum(mlp_width(branch.mlp) for branch in block.ffns)
+        return sum(h for h, _ in shapes), shapes[0][1], hidden
+    if hasattr(block, "in_split"):  # ParallelScalingBlock: [mlp hidden, q, k, v] in in_proj
+        hidden, width = block.in_split[0], block.in_split[1]
+        return block.num_heads, width // block.num_heads, hidden
+    heads, width = attention_shape(block.attn)
+    return heads, width, mlp_width(block.mlp)
 
 
 def attention_shape(attn: nn.Module) -> tuple[int, int]:

@@ -13,13 +13,20 @@ from torch import nn
 
 from sparsekit.errors import RecipeError, SparsekitError
 
-# Where each role lives inside a block (or the model), in the attribute names timm uses.
+# Where each role lives inside a block (or the model), in the attribute names timm uses. Parallel
+# blocks hold their branches in `attns.*` and `ffns.*` (ParallelThingsBlock), or fuse q, k, v and
+# the MLP's first layer into one `in_proj` (ParallelScalingBlock), which plays the qkv role.
 _BLOCK_ROLES: dict[str, tuple[str, ...]] = {
-    "qkv": ("attn.qkv", "attn.q", "attn.k", "attn.v", "attn.q_proj", "attn.k_proj", "attn.v_proj"),
-    "proj": ("attn.proj",),
-    "fc1": ("mlp.fc1", "mlp.fc1_g", "mlp.fc1_x"),
-    "fc2": ("mlp.fc2",),
+    "qkv": (
+        *("attn.qkv", "attn.q", "attn.k", "attn.v", "attn.q_proj", "attn.k_proj", "attn.v_proj"),
+        *("attns.*.attn.qkv", "in_proj"),
+    ),
+    "proj": ("attn.proj", "attns.*.attn.proj", "attn_out_proj", "out_proj"),
+    "fc1": ("mlp.fc1", "mlp.fc1_g", "mlp.fc1_x", "ffns.*.mlp.fc1"),
+    "fc2": ("mlp.fc2", "ffns.*.mlp.fc2", "mlp_out_proj"),
 }
+# Blocks that run their attention and MLP side by side instead of holding one `attn` and `mlp`.
+PARALLEL_BLOCKS = ("ParallelThingsBlock", "ParallelScalingBlock", "DiffParallelScalingBlock")
 _MODEL_ROLES: dict[str, tuple[str, ...]] = {
     "patch_embed": ("patch_embed.proj", "embeds.proj"),
     "head": ("head", "head_dist"),
@@ -67,12 +74,13 @@ def check_supported(model: nn.Module) -> None:
             "MViT, LeViT, MaxViT) are out of scope. docs/support.md lists every supported name."
         )
     for i, block in enumerate(model.blocks):
-        if not hasattr(block, "attn") or not hasattr(block, "mlp"):
+        plain = hasattr(block, "attn") and hasattr(block, "mlp")
+        if not plain and type(block).__name__ not in PARALLEL_BLOCKS:
             raise SparsekitError(
-                f"block {i} of {type(model).__name__} is a {type(block).__name__}, which runs "
-                "its attention and MLP side by side (a parallel block) instead of holding one "
-                "`attn` and one `mlp`; parallel blocks are not supported yet. docs/support.md "
-                "lists the models that are."
+                f"block {i} of {type(model).__name__} is a {type(block).__name__}, which holds "
+                "no `attn` and `mlp` and is not one of timm's parallel blocks "
+                f"({', '.join(PARALLEL_BLOCKS)}); its layout is unknown to sparsekit. "
+                "docs/support.md lists the models that are supported."
             )
 
 
@@ -93,9 +101,10 @@ def find_targets(
     for role in roles:
         if role in _BLOCK_ROLES:
             paths = [
-                f"blocks.{i}.{suffix}"
-                for i in range(len(model.blocks))
-                for suffix in _BLOCK_ROLES[role]
+                f"blocks.{i}.{name}"
+                for i, block in enumerate(model.blocks)
+                for name, _ in block.named_modules()
+                if any(fnmatchcase(name, suffix) for suffix in _BLOCK_ROLES[role])
             ]
         else:
             paths = list(_MODEL_ROLES[role])
