@@ -145,7 +145,17 @@ def apply_args(draw, good: dict[str, Path], tmp: Path) -> list[str]:
         ),
         "--data": st.sampled_from(["", "/", "/nonexistent", "digits", str(good["user"])]),
         "--output": paths(good, tmp),
-        "--model": st.sampled_from(["", "nope", "resnet18", "deit_tiny", "deit_smal", "../x"]),
+        "--model": st.sampled_from(
+            [
+                *("", "nope", "resnet18", "deit_tiny", "deit_smal", "../x"),
+                *(
+                    "eva02_tiny_patch14_224",
+                    "beit_base_patch16_224",
+                    "swin_tiny_patch4_window7_224",
+                ),
+                "naflexvit_base_patch16_gap",
+            ]
+        ),
         "--checkpoint": paths(good, tmp)
         | st.just(str(good["export"] / "model.safetensors"))
         | st.just(str(good["file"].with_suffix(".safetensors"))),
@@ -208,7 +218,16 @@ def test_hostile_export_inspect_report_recipe_arguments(
                 option,
                 value,
             ],
-            st.sampled_from(["deit_tiny", "nope", "", "resnet18", "vit_giant_patch14_224"]),
+            st.sampled_from(
+                [
+                    "deit_tiny",
+                    "nope",
+                    "",
+                    "resnet18",
+                    "vit_giant_patch14_224",
+                    "eva02_tiny_patch14_224",
+                ]
+            ),
             path,
             st.sampled_from(
                 ["--img-size", "--patch-size", "--num-classes", "--dataset-size", "--set"]

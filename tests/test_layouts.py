@@ -62,6 +62,7 @@ ATTENTIONS = {
     "rope_separate_half": lambda: AttentionRope(
         DIM, HEADS, qkv_fused=False, rotate_half=True, qk_norm=True, norm_layer=LN
     ),
+    "rope_per_head": lambda: AttentionRope(DIM, HEADS, num_prefix_tokens=PREFIX),
     "eva_fused": lambda: EvaAttention(DIM, HEADS, scale_norm=False, num_prefix_tokens=PREFIX),
     "eva_bias_separate_gated": lambda: EvaAttention(
         DIM, HEADS, qkv_bias_separate=True, scale_norm=False, gated=True
@@ -102,6 +103,8 @@ def _attention(kind: str):
     attn = _init(ATTENTIONS[kind]())
     group = head_group(SimpleNamespace(), "blocks.0.attn", SimpleNamespace(attn=attn))
     kwargs = {"rope": _rope()} if kind in ROPE else {}
+    if kind == "rope_per_head":  # rope_mixed: each head rotates by its own learned frequencies
+        kwargs = {"rope": torch.randn(HEADS, TOKENS - PREFIX, 2 * (DIM // HEADS))}
     if kind == "beit_shared_bias":
         kwargs = {"shared_rel_pos_bias": _hidden_keys()}
     if kind == "relpos_shared_bias":
@@ -144,7 +147,10 @@ def test_active_attention_forward_is_timms(kind: str, fused: bool) -> None:
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("kind", [k for k in ATTENTIONS if "vit" not in k and "rope_" not in k])
+@pytest.mark.parametrize(
+    "kind",
+    [k for k in ATTENTIONS if "vit" not in k and k not in ("rope_fused", "rope_separate_half")],
+)
 def test_narrow_class_forward_is_timms(kind: str, fused: bool) -> None:
     """The forward compaction gives a module is timm's while every head is kept."""
     attn, _, kwargs = _attention(kind)
@@ -164,7 +170,7 @@ def test_classes_without_an_active_forward_refuse_active_compute() -> None:
     check_active([_attention(k)[1] for k in ATTENTIONS])
 
 
-@pytest.mark.parametrize("kind", list(ATTENTIONS))
+@pytest.mark.parametrize("kind", [k for k in ATTENTIONS if k != "rope_per_head"])
 def test_compacted_attention_equals_the_gated_one(kind: str) -> None:
     """Heads 1 and 3 gated off at full size compute what the attention cut to heads 0 and 2
     computes, and the cut module keeps its class's state-dict keys."""
@@ -251,6 +257,9 @@ def test_model_level_refusals() -> None:
     attn = EvaAttention(DIM, HEADS, scale_norm=False)
     with pytest.raises(SparsekitError, match="rope_mixed"):
         head_group(SimpleNamespace(rope_mixed=True), "blocks.0.attn", SimpleNamespace(attn=attn))
+    rope = AttentionRope(DIM, HEADS)
+    with pytest.raises(SparsekitError, match="NaFlexViT's per-head rotary"):
+        head_group(SimpleNamespace(rope_is_mixed=True), "blocks.0.attn", SimpleNamespace(attn=rope))
     beit = BeitAttention(DIM, HEADS)
     with pytest.raises(SparsekitError, match="shared by every block"):
         head_group(SimpleNamespace(rel_pos_bias=nn.Identity()), "b", SimpleNamespace(attn=beit))

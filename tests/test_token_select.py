@@ -236,6 +236,7 @@ FAMILIES = [
     ("vit_relpos_medium_patch16_cls_224", {}),  # a bias table with a class token
     ("vit_srelpos_small_patch16_224", {}),  # a bias shared by all blocks
     ("vit_base_patch16_siglip_224", {}),  # attention pooling
+    ("naflexvit_base_patch16_gap", {}),  # NaFlexViT on image batches
 ]
 
 
@@ -270,3 +271,24 @@ def test_positions_follow_the_kept_tokens_in_every_family(name: str, size: dict)
     assert not any("forward" in vars(m) or "get_bias" in vars(m) for m in model.modules())
     with torch.no_grad():  # the selection changed the result: the comparison above is not empty
         assert not torch.allclose(model.eval()(x), gathered, atol=1e-4)
+
+
+def test_naflex_patch_sequences_are_refused_with_the_reason() -> None:
+    """NaFlexViT given padded patch sequences builds its own attention mask: the selector
+    refuses rather than mislay the padding."""
+    from timm.models.naflexvit import NaFlexVit
+
+    model = tiny_vit("naflexvit_base_patch16_gap", patch_size=4, embed_dim=64, num_heads=4)
+    assert isinstance(model, NaFlexVit)
+    TokenSelection(model, [Placement(0, 0.5)])
+    patches = torch.randn(2, 16, 4 * 4 * 3)
+    coord = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1)
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[1, 12:] = False  # the second sequence is padded
+    inputs = {
+        "patches": patches,
+        "patch_coord": coord.reshape(1, 16, 2).expand(2, -1, -1),
+        "patch_valid": valid,
+    }
+    with pytest.raises(SparsekitError, match="takes image batches"), torch.no_grad():
+        model.eval()(inputs)

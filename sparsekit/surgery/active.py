@@ -26,6 +26,7 @@ ACTIVE_CLASSES = frozenset(
     {
         "Attention",
         "AttentionRope",
+        "NarrowRopeAttention",
         "EvaAttention",
         "NarrowEvaAttention",
         "NarrowBeitAttention",
@@ -158,6 +159,8 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         rope = options.get("rope")
+        if rope is not None and rope.ndim >= 3 and rope.shape[-3] > 1:  # per head: the kept
+            rope = rope.index_select(rope.ndim - 3, units)
         if rope is not None:
             npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
             q, k = (

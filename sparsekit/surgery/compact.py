@@ -72,6 +72,8 @@ def compact_(
         )
         for unit_tensor in group.tensors:
             _slice_tensor(unit_tensor, group.tensor_index(unit_tensor, keep))
+        if group.arrange is not None:
+            group.arrange(keep)
         if group.resize is not None:
             group.resize(kept)
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from sparsekit.errors import SparsekitError
@@ -184,14 +185,22 @@ def _rope_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
             "(grouped-query attention), so a query head cannot be removed alone; head pruning "
             "does not support grouped-query attention yet. Use unstructured_dst."
         )
-    _refuse_mixed_rope(model, name)
     resize = _set(attn, num_heads=1, num_kv_heads=1, attn_dim=attn.head_dim, kv_dim=attn.head_dim)
-    return _heads(name, attn, attn.head_dim, _qkv(attn) + _gate(attn), resize=resize)
+    arrange = _mixed_rope(model, name)
+    if arrange is not None:  # its block's rotary frequencies stay full: take the first heads'
+        resize = _narrowed(attn, resize)
+    fields = {"resize": resize, "arrange": arrange}
+    return _heads(name, attn, attn.head_dim, _qkv(attn) + _gate(attn), **fields)
 
 
 def _eva_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
     """EVA's `EvaAttention`: fused qkv with separate q/v biases, or separate q/k/v."""
-    _refuse_mixed_rope(model, name)
+    if getattr(model, "rope_mixed", False) or getattr(model, "rope_is_mixed", False):
+        raise SparsekitError(
+            f"{name} is EVA's attention under per-head rotary frequencies (rope_mixed), a "
+            "pairing no timm model builds; head pruning does not support it. Use "
+            "unstructured_dst."
+        )
     return _heads(
         name,
         attn,
@@ -267,13 +276,33 @@ def _bias_shape(rel: nn.Module) -> Callable[[int], None]:
     return resize
 
 
-def _refuse_mixed_rope(model: nn.Module, name: str) -> None:
-    if getattr(model, "rope_mixed", False) or getattr(model, "rope_is_mixed", False):
+def _mixed_rope(model: nn.Module, name: str) -> Callable[[torch.Tensor], None] | None:
+    """For a `rope_mixed` model, the `arrange` of block `name`'s heads: its slice of the
+    model's learned frequencies (2, blocks, heads, head_dim / 2), kept heads first. The slice
+    stays full-size (one tensor serves every block) and the narrow attention takes its first
+    heads' embeddings. None for a model without per-head frequencies.
+
+    Raises:
+        SparsekitError: per-head frequencies held some other way (NaFlexViT's).
+    """
+    if getattr(model, "rope_is_mixed", False):
         raise SparsekitError(
-            f"{name} uses learned rotary frequencies per head and block (rope_mixed), held by "
-            "one model-level module, so they cannot follow each block's heads; head pruning is "
-            "not supported on the rope_mixed ViTs yet. Use unstructured_dst."
+            f"{name} takes NaFlexViT's per-head rotary frequencies (rope_type='mixed'), which "
+            "sparsekit cannot line up with each block's kept heads; head pruning does not "
+            "support them yet. Use unstructured_dst."
         )
+    if not getattr(model, "rope_mixed", False):
+        return None
+    block = int(name.split(".")[1])
+
+    @torch.no_grad()
+    def arrange(keep: torch.Tensor) -> None:
+        freqs = model.rope.freqs
+        keep = keep.to(torch.bool).cpu()
+        order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])
+        freqs[:, block] = freqs[:, block].index_select(1, order.to(freqs.device))
+
+    return arrange
 
 
 _HEAD_LAYOUTS: dict[str, Callable[[nn.Module, str, nn.Module], UnitGroup]] = {
@@ -284,6 +313,7 @@ _HEAD_LAYOUTS: dict[str, Callable[[nn.Module, str, nn.Module], UnitGroup]] = {
     "timm.models.vision_transformer_relpos.RelPosAttention": _relpos_attention,
     "timm.layers.diff_attention.DiffAttention": _diff_attention,
     # The same classes once compacted (`narrow_attention`).
+    "sparsekit.surgery.narrow_attention.NarrowRopeAttention": _rope_attention,
     "sparsekit.surgery.narrow_attention.NarrowEvaAttention": _eva_attention,
     "sparsekit.surgery.narrow_attention.NarrowBeitAttention": _beit_attention,
     "sparsekit.surgery.narrow_attention.NarrowRelPosAttention": _relpos_attention,

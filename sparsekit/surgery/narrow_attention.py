@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DiffAttention, apply_rot_embed_cat
+from timm.layers import AttentionRope, DiffAttention, apply_rot_embed_cat
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
@@ -48,6 +48,22 @@ def _fused_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if attn.qkv_bias_separate:
         return attn.qkv(x) + bias
     return F.linear(x, weight=attn.qkv.weight, bias=bias)
+
+
+class NarrowRopeAttention(AttentionRope):
+    """timm's `AttentionRope` under per-head rotary embeddings (`rope_mixed`) once it keeps
+    fewer heads: the embeddings come for all of the block's heads, kept ones first."""
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal: bool = False):
+        return super().forward(x, first_heads(rope, self.num_heads), attn_mask, is_causal)
+
+
+def first_heads(rope: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    """Per-head rotary embeddings (..., heads, tokens, dim) of the first `heads` heads;
+    embeddings shared by every head (tokens, dim) as they are."""
+    if rope is None or rope.ndim < 3 or rope.shape[-3] <= heads:
+        return rope
+    return rope[..., :heads, :, :]
 
 
 class NarrowEvaAttention(EvaAttention):
@@ -148,6 +164,7 @@ class NarrowDiffAttention(DiffAttention):
 
 
 _NARROW: dict[type, type] = {
+    AttentionRope: NarrowRopeAttention,
     EvaAttention: NarrowEvaAttention,
     BeitAttention: NarrowBeitAttention,
     RelPosAttention: NarrowRelPosAttention,

@@ -176,6 +176,13 @@ class TokenSelection:
 
     def _positioned(self, kwargs: dict, positions: BlockPositions, dtype: torch.dtype) -> dict:
         """The block's keyword inputs for the current selection (`token_positions`)."""
+        if kwargs.get("attn_mask") is not None:
+            raise SparsekitError(
+                "the model passed its blocks an attention mask of its own (NaFlexViT does for "
+                "batches of patch sequences padded to one length), which the selected tokens "
+                "would not line up with; token selection takes image batches. Give the model "
+                "images (a tensor of batch x channels x height x width)."
+            )
         out = dict(kwargs)
         if self._alive is not None:  # masked: hide the dropped keys
             if positions.mask_arg == "attn_mask":
@@ -360,13 +367,6 @@ def check_selectable(model: nn.Module, placements: list[Placement]) -> None:
             f"{type(model).__name__} pools its tokens with {model.global_pool!r}, which reads "
             f"every token; token selection supports the pools {', '.join(POOLS)}. Build the "
             "model with global_pool='token' or 'avg' (--model-arg global_pool=avg)."
-        )
-    if type(model).__name__ == "NaFlexVit":
-        raise SparsekitError(
-            "NaFlexVit takes patch sequences of any resolution and builds its own padding mask "
-            "inside its forward, so a selector's key mask and kept positions would not line up "
-            "with its patches; token selection is not supported on NaFlexVit models. Drop the "
-            "token_select phase, or pick a fixed-size ViT (vit_*, eva02_*)."
         )
     for index, block in enumerate(model.blocks):
         if block_positions(block).mask_arg is None:

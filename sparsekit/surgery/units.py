@@ -45,7 +45,8 @@ class UnitGroup:
     head; the fc1 rows of each neuron), `chunks` how many unit-major chunks each of them holds
     (3 for a fused qkv), `consumer` the Linear whose input columns belong to the units, and
     `tensors` any other tensor laid out by unit. `resize`, when set, tells the module how many
-    units it keeps once their slices are cut (`compact_`).
+    units it keeps once their slices are cut (`compact_`), and `arrange` lines up state held
+    outside it.
     """
 
     name: str  # e.g. "blocks.3.attn"
@@ -57,6 +58,10 @@ class UnitGroup:
     consumer: nn.Linear
     tensors: tuple[UnitTensor, ...] = ()
     resize: Callable[[int], None] | None = None
+    # Per-unit state held outside the module, which cannot be cut per block (the rotary
+    # frequencies of a `rope_mixed` model): `arrange(keep)` moves the kept units' first, in
+    # order, as compaction leaves the module's own units.
+    arrange: Callable[[torch.Tensor], None] | None = None
 
     def row_index(self, selected: torch.Tensor, chunks: int) -> torch.Tensor:
         """Output rows of a producer with `chunks` unit-major chunks that belong to the
