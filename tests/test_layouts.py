@@ -241,10 +241,6 @@ def test_mlp_forwards_and_compaction(kind: str) -> None:
     [
         (lambda: Attention(DIM, HEADS, scale_norm=True, norm_layer=LN), "scale_norm"),
         (lambda: EvaAttention(DIM, HEADS, norm_layer=LN), "scale_norm"),
-        (
-            lambda: AttentionRope(DIM, HEADS, qkv_fused=False, num_kv_heads=2),
-            "grouped-query attention",
-        ),
         (lambda: nn.MultiheadAttention(DIM, HEADS), "does not know"),
     ],
 )
@@ -265,3 +261,30 @@ def test_model_level_refusals() -> None:
         head_group(SimpleNamespace(rel_pos_bias=nn.Identity()), "b", SimpleNamespace(attn=beit))
     with pytest.raises(SparsekitError, match="scale_mlp"):
         neuron_group("b", SimpleNamespace(mlp=Mlp(DIM, 48, norm_layer=LN)))
+
+
+def test_grouped_query_attention_prunes_key_value_groups() -> None:
+    """Sapiens2's grouped-query attention: a unit is a key/value head with its query heads.
+    The active forward is timm's, and cutting a group equals gating it off."""
+    attn = _init(AttentionRope(DIM, HEADS, qkv_fused=False, num_kv_heads=2, qkv_bias=True))
+    group = head_group(SimpleNamespace(), "blocks.0.attn", SimpleNamespace(attn=attn))
+    assert (group.units, group.width) == (2, 2 * DIM // HEADS)
+    x, kwargs = torch.randn(3, TOKENS, DIM), {"rope": _rope()}
+    timm_result = _outputs_and_grads(attn, x, **kwargs)
+    keep = torch.ones(2, dtype=torch.bool)
+    active = ActiveForward([group], {group.name: UnitGate(group, keep)})
+    active.set({group.name: keep})
+    active.enable()
+    ours = _outputs_and_grads(attn, x, **kwargs)
+    active.disable()
+    _assert_same(ours, timm_result)
+    attn.eval()
+    keep = torch.tensor([False, True])
+    gate = UnitGate(group, keep)
+    with torch.no_grad():
+        gated = attn(x, **kwargs)
+    gate.remove()
+    compact_(SimpleNamespace(), {group.name: keep}, groups={group.name: group})
+    assert (attn.num_heads, attn.num_kv_heads, attn.k_proj.out_features) == (2, 1, DIM // HEADS)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, **kwargs), gated, rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ from sparsekit.errors import SparsekitError
 from sparsekit.export.manifest import METADATA_KEY, READABLE_VERSIONS, Manifest, export_sha256
 from sparsekit.export.sparse_storage import unpack
 from sparsekit.models import ModelSpec, create_model
-from sparsekit.surgery.compact import shrink_
+from sparsekit.surgery.compact import shrink_, unit_groups
 from sparsekit.surgery.layouts import block_shape
 from sparsekit.surgery.tokens import Placement, TokenSelection
 
@@ -111,6 +111,19 @@ def load_compact(path: str | Path, accelerate: bool | str = False) -> nn.Module:
     return model
 
 
+def _head_units(path, model: nn.Module, block: int, kept: int, heads: int) -> int:
+    """The units of block `block`'s attention that keep `kept` of its `heads` query heads: as
+    many, or with grouped-query attention the key/value groups that hold them."""
+    name = f"blocks.{block}.attn"
+    per_unit = heads // unit_groups(model, [name])[name].units
+    if kept % per_unit:
+        raise SparsekitError(
+            f"{path}: block {block} keeps {kept} heads in the manifest, but its heads come in "
+            f"key/value groups of {per_unit}; the file is inconsistent."
+        )
+    return kept // per_unit
+
+
 def built_export(
     path: str | Path, manifest: Manifest, tensors: dict[str, torch.Tensor]
 ) -> nn.Module:
@@ -146,7 +159,7 @@ def built_export(
                 f"{manifest.model}; the file is inconsistent."
             )
         if shape.heads != heads:
-            sizes[f"blocks.{i}.attn"] = shape.heads
+            sizes[f"blocks.{i}.attn"] = _head_units(path, model, i, shape.heads, heads)
         if shape.mlp_hidden != hidden:
             sizes[f"blocks.{i}.mlp"] = shape.mlp_hidden
     if sizes:

@@ -123,6 +123,9 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
     names = list(inspect.signature(type(group.module).forward).parameters)[2:]
     producer = {id(p): i for i, (p, _) in enumerate(group.rows)}
     tensor = {t.attr: i for i, t in enumerate(group.tensors) if t.owner is group.module}
+    # Grouped-query attention: k and v rows are `UnitTensor`s of their Linear (a head wide).
+    owned = {(id(t.owner), t.attr): i for i, t in enumerate(group.tensors)}
+    groups = getattr(group.module, "num_kv_groups", 1)
 
     def forward(attn: nn.Module, x: torch.Tensor, *args, **kwargs):
         if not attn.training:  # evaluation runs the gated full-size model
@@ -133,7 +136,13 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
         batch, length, _ = x.shape
 
         def project(linear: nn.Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
-            weight, own_bias = _rows(linear, index[f"rows{producer[id(linear)]}"])
+            if id(linear) in producer:
+                weight, own_bias = _rows(linear, index[f"rows{producer[id(linear)]}"])
+            else:  # a key or value projection of grouped-query attention
+                weight, own_bias = (
+                    None if t is None else t.index_select(0, index[f"tensor{owned[id(linear), a]}"])
+                    for a, t in (("weight", linear.weight), ("bias", linear.bias))
+                )
             return F.linear(x, weight, own_bias if bias is None else bias)
 
         if hasattr(attn, "lambda_init"):  # DiffAttention: two maps per head, subtracted
@@ -153,8 +162,12 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = (
-                project(p).reshape(batch, length, heads, width).transpose(1, 2)
-                for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+                project(p).reshape(batch, length, count, attn.head_dim).transpose(1, 2)
+                for p, count in (
+                    (attn.q_proj, heads * groups),
+                    (attn.k_proj, heads),
+                    (attn.v_proj, heads),
+                )
             )
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
@@ -168,6 +181,8 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
                 for t in (q, k)
             )
             q, k = q.type_as(v), k.type_as(v)
+        if groups > 1:  # each key/value head serves its group of query heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         bias = _head_bias(attn, options, units)
         x = attend(attn, q, k, v, bias, options.get("is_causal", False))
         if gated is not None:

@@ -180,17 +180,55 @@ def _vit_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
 def _rope_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
     """timm `AttentionRope` (timm's RoPE ViTs built by eva.py): fused or separate q/k/v."""
     if attn.num_kv_heads != attn.num_heads:
-        raise SparsekitError(
-            f"{name} shares each key and value head among {attn.num_kv_groups} query heads "
-            "(grouped-query attention), so a query head cannot be removed alone; head pruning "
-            "does not support grouped-query attention yet. Use unstructured_dst."
-        )
+        return _grouped_query_attention(model, name, attn)
     resize = _set(attn, num_heads=1, num_kv_heads=1, attn_dim=attn.head_dim, kv_dim=attn.head_dim)
     arrange = _mixed_rope(model, name)
     if arrange is not None:  # its block's rotary frequencies stay full: take the first heads'
         resize = _narrowed(attn, resize)
     fields = {"resize": resize, "arrange": arrange}
     return _heads(name, attn, attn.head_dim, _qkv(attn) + _gate(attn), **fields)
+
+
+def _grouped_query_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
+    """`AttentionRope` with fewer key/value heads than query heads (Sapiens2): the unit is a
+    key/value head with the query heads that share it (contiguous: query head h reads key/value
+    head h // groups), so its q rows, gate rows and proj columns are `groups` heads wide and its
+    k and v rows one head wide."""
+    if getattr(model, "rope_mixed", False) or getattr(model, "rope_is_mixed", False):
+        raise SparsekitError(
+            f"{name} pairs grouped-query attention with per-head rotary frequencies, which "
+            "no timm model builds; head pruning does not support it. Use unstructured_dst."
+        )
+    groups, width = attn.num_kv_groups, attn.head_dim
+    kv = tuple(
+        UnitTensor(linear, attr, 0, width)
+        for linear in (attn.k_proj, attn.v_proj)
+        for attr in ("weight", "bias")
+        if getattr(linear, attr) is not None
+    )
+    resizes = [
+        _set(attn, num_heads=groups, num_kv_heads=1, attn_dim=groups * width, kv_dim=width),
+        _set(attn.k_proj, out_features=width),
+        _set(attn.v_proj, out_features=width),
+    ]
+
+    def resize(kept: int) -> None:
+        for step in resizes:
+            step(kept)
+
+    producers = ((attn.q_proj, 1),) + _gate(attn)
+    group = UnitGroup(
+        name,
+        "heads",
+        attn,
+        attn.num_kv_heads,
+        groups * width,
+        producers,
+        attn.proj,
+        tensors=kv,
+        resize=resize,
+    )
+    return group
 
 
 def _eva_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
