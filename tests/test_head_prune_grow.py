@@ -237,3 +237,21 @@ def test_scores_are_all_reduced_when_distributed(tmp_path) -> None:
         dist.destroy_process_group()
     for name, keep in plain.unit_masks().items():
         assert torch.equal(distributed.unit_masks()[name], keep)
+
+
+def test_min_heads_names_key_value_groups_under_grouped_query_attention() -> None:
+    from sparsekit import compile_recipe
+    from sparsekit.models import create_model
+    from sparsekit.support import small_spec
+    from sparsekit.timeline import Timeline
+
+    model = create_model(small_spec("vit_large_patch16_sapiens2"))  # blocks: 16 heads, 8 groups
+    recipe = load_recipe(
+        {
+            "name": "gqa",
+            "training": {"epochs": 1, "batch_size": 4, "schedule": {"warmup": 0}},
+            "phases": [{"kind": "head_prune_grow", "head_density": 0.5, "min_heads": 16}],
+        }
+    )
+    with pytest.raises(RecipeError, match="8 key/value head groups"):
+        compile_recipe(recipe, model, Timeline(1, 2))

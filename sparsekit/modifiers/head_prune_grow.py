@@ -89,8 +89,10 @@ class HeadPruneGrow(PruneGrowModifier):
             groups += neuron_groups(model)
         heads = min(g.units for g in groups if g.kind == "heads")
         if config.min_heads > heads:
+            grouped = any(getattr(g.module, "num_kv_groups", 1) > 1 for g in groups)
+            what = "key/value head groups (grouped-query attention)" if grouped else "heads"
             raise RecipeError(
-                f"min_heads is {config.min_heads}, but this model's blocks have {heads} heads; "
+                f"min_heads is {config.min_heads}, but this model's blocks have {heads} {what}; "
                 f"set min_heads to {heads} or fewer."
             )
         return groups
