@@ -43,6 +43,7 @@ class Support:
 
     name: str
     family: str
+    spec: ModelSpec  # the small size it was tried at (`small_spec`)
     refused: dict[str, str] = field(default_factory=dict)  # kind -> reason; absent: works
 
     def works(self, kind: str) -> bool:
@@ -110,7 +111,7 @@ def support_of(name: str) -> Support:
     try:
         model = create_model(spec)
     except SparsekitError as err:
-        return Support(name, family, dict.fromkeys(KINDS, str(err)))
+        return Support(name, family, spec, dict.fromkeys(KINDS, str(err)))
     refused = {}
     for kind in KINDS:
         try:
@@ -119,7 +120,7 @@ def support_of(name: str) -> Support:
             refused[kind] = _reason(str(err))
     if "heads" in refused and "neurons" in refused and refused["neurons"] == refused["heads"]:
         refused["neurons"] = "head_prune_grow removes heads first: see the heads column."
-    return Support(name, family, refused)
+    return Support(name, family, spec, refused)
 
 
 def end_to_end(support: Support, photos: torch.Tensor) -> tuple[float, nn.Module]:
@@ -140,7 +141,7 @@ def end_to_end(support: Support, photos: torch.Tensor) -> tuple[float, nn.Module
         kinds.remove("heads")
     if not kinds:
         raise SparsekitError(f"{support.name}: no kind of sparsity works on it.")
-    spec = small_spec(support.name)
+    spec = support.spec
     size = spec.kwargs["img_size"]
     photos = nn.functional.interpolate(photos, size=(size, size), mode="bilinear")
     torch.manual_seed(0)

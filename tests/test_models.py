@@ -445,3 +445,39 @@ def test_arguments_timm_builds_but_cannot_run_are_refused_before_training() -> N
     spec = ModelSpec("beit_base_patch16_224", {**SMALL, "embed_dim": 64})
     with pytest.raises(SparsekitError, match="builds beit_base_patch16_224 .* cannot run it"):
         check_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("vit_tiny_patch16_224", "timm.models.vision_transformer"),
+        ("deit_tiny_patch16_224", "timm.models.vision_transformer"),
+        ("vit_small_r26_s32_224", "timm.models.vision_transformer_hybrid"),
+        ("eva02_tiny_patch14_224", "timm.models.eva"),
+        ("beit_base_patch16_224", "timm.models.beit"),
+        ("vit_relpos_small_patch16_224", "timm.models.vision_transformer_relpos"),
+        ("naflexvit_base_patch16_gap", "timm.models.naflexvit"),
+    ],
+)
+def test_checkpoints_go_through_their_familys_own_filter(name: str, module: str) -> None:
+    """--checkpoint adapts weights as timm's builder of the model does: each family converts
+    its own foreign layouts and resamples its own position tables."""
+    from sparsekit.models import _checkpoint_filter
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, depth=1)
+    filter_fn, _ = _checkpoint_filter(model)
+    assert filter_fn.__module__ == module
+
+
+def test_an_eva_checkpoint_of_another_image_size_is_resampled_by_evas_filter(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from sparsekit.models import load_weights
+
+    small = create_model(ModelSpec("eva02_tiny_patch14_224", {"img_size": 28, "depth": 1}))
+    save_file(small.state_dict(), tmp_path / "w.safetensors")
+    bigger = create_model(ModelSpec("eva02_tiny_patch14_224", {"img_size": 56, "depth": 1}))
+    notes = load_weights(bigger, tmp_path / "w.safetensors")
+    assert any("position embeddings resampled from 5 to 17 tokens" in n for n in notes)
+    assert torch.isfinite(bigger.eval()(torch.randn(1, 3, 56, 56))).all()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sparsekit.errors import SparsekitError
+from sparsekit.surgery.geometry import input_size
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -68,7 +69,8 @@ def bench(
             "CPU, so its times would say nothing about deployment; use float32 or bfloat16 on "
             "the CPU, or float16 with --device cuda."
         )
-    channels, size = _input_shape(export)
+    channels, height, width = input_size(export)
+    size = (height, width)
     timings = []
     with _threads(threads):
         models = [m.to(device=device, dtype=kind).eval() for m in (dense, export)]
@@ -79,13 +81,6 @@ def bench(
         if onnx:
             timings += _onnx_timings(models, batches, channels, size, threads, iters, warmup)
     return timings
-
-
-def _input_shape(model: nn.Module) -> tuple[int, tuple[int, int]]:
-    from sparsekit.surgery.geometry import input_size
-
-    channels, height, width = input_size(model)
-    return channels, (height, width)
 
 
 @contextlib.contextmanager

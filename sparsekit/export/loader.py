@@ -111,17 +111,21 @@ def load_compact(path: str | Path, accelerate: bool | str = False) -> nn.Module:
     return model
 
 
-def _head_units(path, model: nn.Module, block: int, kept: int, heads: int) -> int:
-    """The units of block `block`'s attention that keep `kept` of its `heads` query heads: as
-    many, or with grouped-query attention the key/value groups that hold them."""
-    name = f"blocks.{block}.attn"
-    per_unit = heads // unit_groups(model, [name])[name].units
-    if kept % per_unit:
-        raise SparsekitError(
-            f"{path}: block {block} keeps {kept} heads in the manifest, but its heads come in "
-            f"key/value groups of {per_unit}; the file is inconsistent."
-        )
-    return kept // per_unit
+def _head_units(path, model: nn.Module, kept: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """Per attention named in `kept` (its kept and its full number of query heads), the units
+    that keep them: as many, or with grouped-query attention the key/value groups that hold
+    them."""
+    groups = unit_groups(model, list(kept)) if kept else {}
+    units = {}
+    for name, (heads, full) in kept.items():
+        per_unit = full // groups[name].units
+        if heads % per_unit:
+            raise SparsekitError(
+                f"{path}: {name} keeps {heads} heads in the manifest, but its heads come in "
+                f"key/value groups of {per_unit}; the file is inconsistent."
+            )
+        units[name] = heads // per_unit
+    return units
 
 
 def built_export(
@@ -145,6 +149,7 @@ def built_export(
             f"with its arguments has {len(model.blocks)}; the file is inconsistent."
         )
     sizes: dict[str, int] = {}
+    kept_heads: dict[str, tuple[int, int]] = {}
     for i, (shape, block) in enumerate(zip(manifest.blocks, model.blocks, strict=True)):
         heads, head_dim, hidden = block_shape(block)
         if shape.head_dim != head_dim:
@@ -159,9 +164,10 @@ def built_export(
                 f"{manifest.model}; the file is inconsistent."
             )
         if shape.heads != heads:
-            sizes[f"blocks.{i}.attn"] = _head_units(path, model, i, shape.heads, heads)
+            kept_heads[f"blocks.{i}.attn"] = (shape.heads, heads)
         if shape.mlp_hidden != hidden:
             sizes[f"blocks.{i}.mlp"] = shape.mlp_hidden
+    sizes.update(_head_units(path, model, kept_heads))
     if sizes:
         shrink_(model, sizes)
     if manifest.token_selection:

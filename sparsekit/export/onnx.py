@@ -31,6 +31,7 @@ from torch import nn
 from sparsekit.atomic import default_file_mode, remove_torn
 from sparsekit.errors import SparsekitError, UsageError
 from sparsekit.exclusive import locked_folder, refuse_unless_ours
+from sparsekit.surgery.geometry import input_size as model_input_size
 from sparsekit.version import __version__
 
 OPSET = 18
@@ -84,13 +85,6 @@ def require_onnx() -> None:
         )
 
 
-def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of a timm ViT's input, read from its patch embedding."""
-    from sparsekit.surgery.geometry import input_size
-
-    return input_size(model)
-
-
 @torch.no_grad()
 def export_onnx(
     model: nn.Module,
@@ -109,7 +103,7 @@ def export_onnx(
     Args:
         model: a timm VisionTransformer (token selectors and all), on any device.
         path: the `.onnx` file to write.
-        input_size: (channels, height, width); default, the model's own (`input_shape`).
+        input_size: (channels, height, width); default, the model's own (`geometry.input_size`).
         metadata: extra JSON-able fields for the `sparsekit` record in the file's
             metadata_props (model name, source export, ...).
 
@@ -139,7 +133,7 @@ def _export(
             f"{path} exists and is not an ONNX file sparsekit wrote; it was not touched. Give "
             "another path, or remove it yourself."
         )
-    size = input_size or input_shape(model)
+    size = input_size or model_input_size(model)
     training = model.training
     model.eval()
     try:
@@ -469,7 +463,7 @@ def _write_folder(
         stale = out / ONNX_FILES[1]
         if stale.name not in written and stale.exists():
             stale.unlink()  # an earlier, larger export's weights: the new graph reads none
-    channels, height, width = input_shape(model)
+    channels, height, width = model_input_size(model)
     return OnnxExport(
         path=file,
         input_shape=("batch", channels, height, width),
@@ -487,7 +481,6 @@ __all__ = [
     "default_output",
     "export_onnx",
     "export_run_onnx",
-    "input_shape",
     "is_onnx_export",
     "refuse_with_format",
     "relative_difference",

@@ -20,13 +20,6 @@ from sparsekit.recipe.data import Data
 BUILT_IN = ("digits", "synthetic")
 
 
-def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) the model takes, read from its patch embedding."""
-    from sparsekit.surgery.geometry import input_size as model_input_size
-
-    return model_input_size(model)
-
-
 def folder_preprocessing(
     data: Data, model_name: str, size: tuple[int, int, int], source: str = "image_folder"
 ) -> Preprocessing:

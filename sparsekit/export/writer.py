@@ -38,7 +38,6 @@ from sparsekit.export.manifest import (
 )
 from sparsekit.export.preprocessing import (
     assumed_preprocessing,
-    input_size,
     run_preprocessing,
     timm_config,
 )
@@ -47,6 +46,7 @@ from sparsekit.hashing import recipe_sha256
 from sparsekit.models import ModelSpec
 from sparsekit.run_folder.records import read_run_json
 from sparsekit.run_folder.trained_run import open_run
+from sparsekit.surgery.geometry import input_size
 from sparsekit.surgery.layouts import block_shape
 from sparsekit.surgery.tokens import Placement
 from sparsekit.version import __version__

@@ -48,9 +48,7 @@ def check_active(groups: list[UnitGroup]) -> None:
         SparsekitError: the first such group, and what to do instead.
     """
     for g in groups:
-        name = type(g.module).__name__
-        if name == "Attention" and type(g.module).__module__ == "timm.models.beit":
-            continue  # BEiT's own Attention, reproduced like the others
+        name = type(g.module).__name__  # BEiT's `Attention` shares timm's name and is run alike
         if name not in ACTIVE_CLASSES:
             raise SparsekitError(
                 f"{g.name} is {name}, whose forward sparsekit does not run on the kept {g.kind} "
@@ -122,9 +120,9 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
     # shared_rel_pos_bias, ... as each class orders them.
     names = list(inspect.signature(type(group.module).forward).parameters)[2:]
     producer = {id(p): i for i, (p, _) in enumerate(group.rows)}
-    tensor = {t.attr: i for i, t in enumerate(group.tensors) if t.owner is group.module}
-    # Grouped-query attention: k and v rows are `UnitTensor`s of their Linear (a head wide).
-    owned = {(id(t.owner), t.attr): i for i, t in enumerate(group.tensors)}
+    # Each `UnitTensor`'s index key, by (owner, attribute): EVA's and BEiT's q/k/v biases, and
+    # with grouped-query attention the k and v rows of their Linear (a head wide).
+    tensor = {(id(t.owner), t.attr): f"tensor{i}" for i, t in enumerate(group.tensors)}
     groups = getattr(group.module, "num_kv_groups", 1)
 
     def forward(attn: nn.Module, x: torch.Tensor, *args, **kwargs):
@@ -140,7 +138,7 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
                 weight, own_bias = _rows(linear, index[f"rows{producer[id(linear)]}"])
             else:  # a key or value projection of grouped-query attention
                 weight, own_bias = (
-                    None if t is None else t.index_select(0, index[f"tensor{owned[id(linear), a]}"])
+                    None if t is None else t.index_select(0, index[tensor[id(linear), a]])
                     for a, t in (("weight", linear.weight), ("bias", linear.bias))
                 )
             return F.linear(x, weight, own_bias if bias is None else bias)
@@ -156,7 +154,7 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
             if getattr(attn, "q_bias", None) is not None:  # EVA, BEiT: q, k, v biases apart
                 parts = ("q_bias", "k_bias", "v_bias")
                 bias = torch.cat(
-                    [getattr(attn, a).index_select(0, index[f"tensor{tensor[a]}"]) for a in parts]
+                    [getattr(attn, a).index_select(0, index[tensor[id(attn), a]]) for a in parts]
                 )
             qkv = project(attn.qkv, bias).reshape(batch, length, 3, heads, width)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -196,26 +194,15 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
 
 
 def _head_bias(attn: nn.Module, options: dict, units: torch.Tensor) -> torch.Tensor | None:
-    """What the attention adds to its scores, for the kept heads, as each class combines it:
-    the key mask it was given; BEiT's table plus any bias the block shares in; the
-    relative-position ViTs' `rel_pos`, else the shared bias. Per-head biases are sliced to the
-    kept heads (a per-head bias shared by all blocks never reaches here: `layouts` refuses head
-    pruning with one; token selection shares in a mask that is the same for every head)."""
+    """The attention's score bias (`narrow_attention.score_bias`) for the kept heads: a
+    per-head bias (batch or 1, heads, queries, keys) sliced to them; a mask the same for every
+    head as it is (a per-head
+    bias shared by all blocks never reaches here: `layouts` refuses head pruning with one)."""
+    from sparsekit.surgery.narrow_attention import score_bias
 
-    def kept(bias: torch.Tensor | None) -> torch.Tensor | None:
-        return bias.index_select(1, units) if bias is not None and bias.shape[1] > 1 else bias
-
-    if hasattr(attn, "relative_position_bias_table"):  # BEiT: own table + shared
-        own = None
-        if attn.relative_position_bias_table is not None:
-            own = kept(attn._get_rel_pos_bias())
-        shared = kept(options.get("shared_rel_pos_bias"))
-        return shared if own is None else own if shared is None else own + shared
-    if hasattr(attn, "rel_pos"):  # RelPosAttention: its own bias, else the shared one
-        if attn.rel_pos is not None:
-            return kept(attn.rel_pos.get_bias())
-        return kept(options.get("shared_rel_pos"))
-    return options.get("attn_mask")
+    bias = score_bias(attn, options)
+    per_head = bias is not None and bias.ndim == 4 and bias.shape[1] > 1
+    return bias.index_select(1, units) if per_head else bias
 
 
 def _mlp_forward(group: UnitGroup, indices: dict, gate: UnitGate):

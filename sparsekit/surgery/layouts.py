@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsekit.errors import SparsekitError
-from sparsekit.surgery.targets import PARALLEL_BLOCKS
+from sparsekit.surgery.targets import PARALLEL_BLOCKS, check_supported
 from sparsekit.surgery.units import UnitGroup, UnitTensor
 
 
@@ -51,8 +51,6 @@ def gateable_groups(model: nn.Module) -> list[UnitGroup]:
 
 
 def _blocks(model: nn.Module) -> nn.Module:
-    from sparsekit.surgery.targets import check_supported
-
     check_supported(model)
     return model.blocks
 
@@ -153,6 +151,22 @@ def _set(module: nn.Module, **values) -> Callable[[int], None]:
     return resize
 
 
+def _chain(*steps: Callable[[int], None]) -> Callable[[int], None]:
+    """A `resize` that runs each of `steps`."""
+
+    def resize(kept: int) -> None:
+        for step in steps:
+            step(kept)
+
+    return resize
+
+
+def _per_head_rope(model: nn.Module) -> bool:
+    """Whether the model learns rotary frequencies per head (EVA's `rope_mixed`, NaFlexViT's
+    `rope_is_mixed`)."""
+    return bool(getattr(model, "rope_mixed", False) or getattr(model, "rope_is_mixed", False))
+
+
 def _narrowed(module: nn.Module, then: Callable[[int], None]) -> Callable[[int], None]:
     """A `resize` that also gives the module the forward of its narrow class: timm's forward
     of these classes reshapes the heads' output to the block's width, which holds only while
@@ -194,7 +208,7 @@ def _grouped_query_attention(model: nn.Module, name: str, attn: nn.Module) -> Un
     key/value head with the query heads that share it (contiguous: query head h reads key/value
     head h // groups), so its q rows, gate rows and proj columns are `groups` heads wide and its
     k and v rows one head wide."""
-    if getattr(model, "rope_mixed", False) or getattr(model, "rope_is_mixed", False):
+    if _per_head_rope(model):
         raise SparsekitError(
             f"{name} pairs grouped-query attention with per-head rotary frequencies, which "
             "no timm model builds; head pruning does not support it. Use unstructured_dst."
@@ -206,18 +220,13 @@ def _grouped_query_attention(model: nn.Module, name: str, attn: nn.Module) -> Un
         for attr in ("weight", "bias")
         if getattr(linear, attr) is not None
     )
-    resizes = [
+    resize = _chain(
         _set(attn, num_heads=groups, num_kv_heads=1, attn_dim=groups * width, kv_dim=width),
         _set(attn.k_proj, out_features=width),
         _set(attn.v_proj, out_features=width),
-    ]
-
-    def resize(kept: int) -> None:
-        for step in resizes:
-            step(kept)
-
+    )
     producers = ((attn.q_proj, 1),) + _gate(attn)
-    group = UnitGroup(
+    return UnitGroup(
         name,
         "heads",
         attn,
@@ -228,12 +237,11 @@ def _grouped_query_attention(model: nn.Module, name: str, attn: nn.Module) -> Un
         tensors=kv,
         resize=resize,
     )
-    return group
 
 
 def _eva_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:
     """EVA's `EvaAttention`: fused qkv with separate q/v biases, or separate q/k/v."""
-    if getattr(model, "rope_mixed", False) or getattr(model, "rope_is_mixed", False):
+    if _per_head_rope(model):
         raise SparsekitError(
             f"{name} is EVA's attention under per-head rotary frequencies (rope_mixed), a "
             "pairing no timm model builds; head pruning does not support it. Use "
@@ -290,14 +298,8 @@ def _relpos_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup
         if fc2.bias is not None:
             tensors += (UnitTensor(fc2, "bias", 0, 1),)
         resizes += [_set(rel, num_heads=1), _set(fc2, out_features=1), _bias_shape(rel)]
-
-    def resize(kept: int) -> None:
-        for step in resizes:
-            step(kept)
-
-    return _heads(
-        name, attn, attn.head_dim, _qkv(attn), tensors=tensors, resize=_narrowed(attn, resize)
-    )
+    resize = _narrowed(attn, _chain(*resizes))
+    return _heads(name, attn, attn.head_dim, _qkv(attn), tensors=tensors, resize=resize)
 
 
 def _diff_attention(model: nn.Module, name: str, attn: nn.Module) -> UnitGroup:

@@ -40,6 +40,22 @@ def attend(attn: nn.Module, q, k, v, bias=None, is_causal: bool = False) -> torc
     return x.transpose(1, 2).reshape(batch, length, -1)  # heads x head width
 
 
+def score_bias(attn: nn.Module, options: dict) -> torch.Tensor | None:
+    """What the attention adds to its scores, as each timm class combines it from its forward's
+    arguments (`options`, by name): BEiT's own table plus the bias its block shares in; the
+    relative-position ViTs' own `rel_pos`, else the shared bias; any other class, its key mask.
+    The active sub-network's forward (`active`) slices it to the kept heads."""
+    if hasattr(attn, "relative_position_bias_table"):  # BEiT
+        own = attn._get_rel_pos_bias() if attn.relative_position_bias_table is not None else None
+        shared = options.get("shared_rel_pos_bias")
+        return shared if own is None else own if shared is None else own + shared
+    if hasattr(attn, "rel_pos"):  # RelPosAttention
+        return (
+            attn.rel_pos.get_bias() if attn.rel_pos is not None else options.get("shared_rel_pos")
+        )
+    return options.get("attn_mask")
+
+
 def _fused_qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The qkv projection with EVA's and BEiT's separate q/k/v biases, as timm adds them."""
     if attn.q_bias is None:
@@ -102,11 +118,7 @@ class NarrowBeitAttention(BeitAttention):
         batch, length, _ = x.shape
         qkv = _fused_qkv(self, x).reshape(batch, length, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        bias = None
-        if self.relative_position_bias_table is not None:
-            bias = self._get_rel_pos_bias()
-        if shared_rel_pos_bias is not None:
-            bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+        bias = score_bias(self, {"shared_rel_pos_bias": shared_rel_pos_bias})
         return self.proj_drop(self.proj(attend(self, q, k, v, bias)))
 
 
@@ -118,7 +130,7 @@ class NarrowRelPosAttention(RelPosAttention):
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
+        bias = score_bias(self, {"shared_rel_pos": shared_rel_pos})
         return self.proj_drop(self.proj(attend(self, q, k, v, bias)))
 
 
