@@ -89,3 +89,23 @@ def apply_on_folder(recipe: dict, data, out, patch_size: int = 4, *extra: str) -
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return result.output
+
+
+def randomly_gated(spec, keep_of) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """`spec` built with every weight random (timm's zero biases and tables would hide a
+    slicing mistake) and each head and neuron group gated to `keep_of(name, group)`: the
+    masked model an export of those keeps must compute, in eval mode, and the keeps."""
+    from sparsekit.models import create_model
+    from sparsekit.surgery.compact import unit_groups
+    from sparsekit.surgery.units import UnitGate
+
+    torch.manual_seed(0)
+    model = create_model(spec).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    keeps = {}
+    for name, group in unit_groups(model).items():
+        keeps[name] = keep_of(name, group)
+        UnitGate(group, keeps[name])
+    return model, keeps

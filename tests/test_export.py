@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_step
+from helpers import randomly_gated, train_step
 from rich.console import Console
 from safetensors.torch import load_file, save_file
+from torch import nn
 from typer.testing import CliRunner
 
 import sparsekit.export.writer as writer
@@ -414,3 +415,81 @@ def test_a_rehashed_manifest_is_held_to_the_model_bounds(edit, message, tmp_path
 def test_absurd_block_shapes_are_a_malformed_manifest(edit, tmp_path) -> None:
     with pytest.raises(SparsekitError, match="manifest is malformed"):
         load_compact(rewrite(tiny_export(tmp_path), edit))
+
+
+# Parallel branches: the manifest says what each of a ParallelThingsBlock's branches keeps.
+
+
+def branch_export(tmp_path: Path) -> tuple[Path, nn.Module, dict[str, torch.Tensor]]:
+    """A compacted export of a ParallelThingsBlock ViT whose two branches keep different
+    numbers of heads and neurons, with the masked model it came from."""
+    spec = ModelSpec("vit_small_patch16_18x2_224", {**SMALL, "embed_dim": 96})
+
+    def keep_of(name: str, group) -> torch.Tensor:
+        branch = int(name.split(".")[3])  # blocks.N.attns.M.attn, blocks.N.ffns.M.mlp
+        keep = torch.ones(group.units, dtype=torch.bool)
+        keep[: 1 + branch if group.kind == "heads" else 100 + 20 * branch] = False
+        return keep
+
+    model, keeps = randomly_gated(spec, keep_of)
+    export_model(spec, model.state_dict(), tmp_path / "branches", unit_masks=keeps)
+    return tmp_path / "branches" / "model.safetensors", model, keeps
+
+
+def test_parallel_branches_keep_their_own_units_through_export(tmp_path) -> None:
+    file, masked, keeps = branch_export(tmp_path)
+    manifest, _ = read_export(file)
+    for i, block in enumerate(manifest.blocks):
+        kept = [
+            (
+                int(keeps[f"blocks.{i}.attns.{j}.attn"].sum()),
+                int(keeps[f"blocks.{i}.ffns.{j}.mlp"].sum()),
+            )
+            for j in range(2)
+        ]
+        assert [(b.heads, b.mlp_hidden) for b in block.branches] == kept
+        assert (block.heads, block.mlp_hidden) == tuple(map(sum, zip(*kept, strict=True)))
+    assert len({b.heads for block in manifest.blocks for b in block.branches}) > 1
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compact(file)(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def _branches(edit):
+    def change(record: dict) -> None:
+        edit(record["blocks"][0])
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_branches(lambda b: b.update(branches=None)), "parallel branches of"),
+        (_branches(lambda b: b["branches"].pop()), "parallel branches of"),
+        (
+            _branches(lambda b: b["branches"][0].update(heads=b["branches"][0]["heads"] + 1)),
+            "block total",
+        ),
+        (_branches(lambda b: b["branches"][1].update(mlp_hidden=10**4)), "parallel branches of"),
+    ],
+    ids=["dropped", "one short", "not the total", "wider than the branch"],
+)
+def test_a_rehashed_manifest_with_wrong_branches_is_refused(edit, message, tmp_path) -> None:
+    edited = rewrite(branch_export(tmp_path)[0], edit, rehash=True)
+    with pytest.raises(SparsekitError, match=message) as info:
+        load_compact(edited)
+    assert str(edited) in str(info.value) and "inconsistent" in str(info.value)
+
+
+def test_branches_on_a_plain_block_are_refused_and_old_manifests_keep_their_hash(tmp_path) -> None:
+    file = tiny_export(tmp_path)
+    edit = _branches(lambda b: b.update(branches=[{"heads": 1, "mlp_hidden": 1}]))
+    with pytest.raises(SparsekitError, match="lists parallel branches"):
+        load_compact(rewrite(file, edit, rehash=True))
+
+    def written_before_branches(record: dict) -> None:  # no `branches` key at all
+        for block in record["blocks"]:
+            del block["branches"]
+
+    load_compact(rewrite(file, written_before_branches))  # the hash still holds

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_vit
+from helpers import randomly_gated, tiny_vit
 from rich.console import Console
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -398,3 +398,35 @@ def test_fixed_sparsity_without_an_export_holds_the_models_own_zeros() -> None:
     fc1 = session.masks()["blocks.1.mlp.fc1.weight"]
     assert int(fc1.logical_not().sum()) == 5 * fc1.shape[0]
     session.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["vit_dpwee_patch16_reg1_gap_256", "vit_base_patch16_xp_224", "vit_small_patch16_18x2_224"],
+)
+def test_parallel_blocks_start_from_their_compacted_export(name: str, tmp_path) -> None:
+    """A compacted export of parallel blocks (heads and neurons sharing one in_proj and out
+    projection; or two attentions and two MLPs per block) expands back to full size with
+    the units it kept: the starting model computes what the export computes."""
+    size = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 4}
+    spec = ModelSpec(name, {**size, "num_classes": 10})
+
+    def keep_of(group_name: str, group) -> torch.Tensor:
+        keep = torch.rand(group.units, generator=torch.Generator().manual_seed(group.units)) < 0.5
+        keep[0] = True
+        return keep
+
+    model, keeps = randomly_gated(spec, keep_of)
+    export_model(spec, model.state_dict(), tmp_path / "export", unit_masks=keeps)
+    session, started_model, _ = started(tmp_path / "export", fixed_recipe())
+    started_model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(started_model(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            load_compact(tmp_path / "export")(x), expected, rtol=1e-5, atol=1e-5
+        )
+    kept = session.unit_masks()
+    assert sorted(kept) == sorted(keeps)
+    assert all(int(kept[n].sum()) == int(keeps[n].sum()) for n in keeps)

@@ -7,6 +7,7 @@ the narrow class compaction gives a module, and compaction against the gated mod
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -23,16 +24,18 @@ from timm.layers import (
 from timm.layers.pos_embed_rel import RelPosBias, RelPosMlp
 from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
+from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 from timm.models.vision_transformer_relpos import RelPosAttention
 from torch import nn
 
 from sparsekit.errors import SparsekitError
 from sparsekit.surgery.active import ActiveForward, check_active
 from sparsekit.surgery.compact import compact_, zero_units_
+from sparsekit.surgery.expand import expand_, zeroed_units
 from sparsekit.surgery.layouts import head_group, neuron_group
 from sparsekit.surgery.narrow_attention import narrow_class
 from sparsekit.surgery.token_positions import hidden_keys
-from sparsekit.surgery.units import UnitGate
+from sparsekit.surgery.units import UnitGate, UnitGroup
 
 DIM, HEADS, TOKENS, PREFIX = 32, 4, 7, 1  # 6 patches on a 2x3 grid after one class token
 LN = nn.LayerNorm
@@ -288,3 +291,113 @@ def test_grouped_query_attention_prunes_key_value_groups() -> None:
     assert (attn.num_heads, attn.num_kv_heads, attn.k_proj.out_features) == (2, 1, DIM // HEADS)
     with torch.no_grad():
         torch.testing.assert_close(attn(x, **kwargs), gated, rtol=1e-5, atol=1e-6)
+
+
+# Parallel scaling blocks: one in_proj ([hidden | q | k | v]) feeds the heads and the neurons,
+# and a fused out_proj ([heads | hidden]) consumes both.
+SCALING_BLOCKS = {
+    "scaling_mlp_bias": lambda: ParallelScalingBlock(DIM, HEADS, mlp_ratio=1.5),
+    "scaling_fused_out_qk_norm": lambda: ParallelScalingBlock(
+        DIM, HEADS, mlp_ratio=1.5, qkv_bias=True, qk_norm=True, fuse_out_proj=True, init_values=0.5
+    ),
+    "diff_scaling": lambda: DiffParallelScalingBlock(DIM, HEADS, mlp_ratio=1.5, qk_norm=True),
+    "diff_scaling_dual_lambda": lambda: DiffParallelScalingBlock(
+        DIM, HEADS, mlp_ratio=1.5, qkv_bias=True, dual_lambda=True
+    ),
+}
+HIDDEN = 48
+
+
+def _scaling_groups(block: nn.Module) -> dict[str, UnitGroup]:
+    return {
+        "blocks.0.attn": head_group(SimpleNamespace(), "blocks.0.attn", block),
+        "blocks.0.mlp": neuron_group("blocks.0.mlp", block),
+    }
+
+
+def _scaling_block(kind: str):
+    block = _init(SCALING_BLOCKS[kind]())
+    return block, list(_scaling_groups(block).values())
+
+
+def _scaling_keeps() -> dict[str, torch.Tensor]:
+    neurons = torch.rand(HIDDEN, generator=torch.Generator().manual_seed(0)) < 0.5
+    return {"blocks.0.attn": torch.tensor([False, True, True, False]), "blocks.0.mlp": neurons}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", list(SCALING_BLOCKS))
+def test_parallel_scaling_block_forwards_are_timms(kind: str, fused: bool) -> None:
+    """Every unit kept, the active forward and the narrow class give timm's outputs and
+    gradients; with units dropped, the active forward is the gated one, gradients included."""
+    block, groups = _scaling_block(kind)
+    block.fused_attn = fused
+    assert [(g.units, g.width) for g in groups] == [
+        (HEADS, DIM // HEADS),
+        (HIDDEN, 1),
+    ]
+    x = torch.randn(3, TOKENS, DIM)
+    timm_result = _outputs_and_grads(block, x)
+    every = {g.name: torch.ones(g.units, dtype=torch.bool) for g in groups}
+    # All kept; some dropped of both kinds; heads alone or neurons alone gated (the other whole).
+    for keeps, gated_groups in (
+        (every, groups),
+        (_scaling_keeps(), groups),
+        (_scaling_keeps(), groups[:1]),
+        (_scaling_keeps(), groups[1:]),
+    ):
+        gates = {g.name: UnitGate(g, keeps[g.name]) for g in gated_groups}
+        gated = _outputs_and_grads(block, x)
+        active = ActiveForward(gated_groups, gates)
+        active.set(keeps)
+        active.enable()
+        ours = _outputs_and_grads(block, x)
+        active.disable()
+        for gate in gates.values():
+            gate.remove()
+        _assert_same(ours, gated)
+        assert "forward" not in vars(block)
+    block.__class__ = narrow_class(type(block))
+    _assert_same(_outputs_and_grads(block, x), timm_result)
+    check_active(groups)
+
+
+@pytest.mark.parametrize("kind", list(SCALING_BLOCKS))
+def test_compacted_parallel_scaling_block_equals_the_gated_one(kind: str) -> None:
+    """Heads and neurons cut from the shared in_proj and out_proj at once compute what the
+    gated block computes; the cut block keeps its state-dict keys, reads back at its new
+    size, and expands back to full size with the same function."""
+    block, groups = _scaling_block(kind)
+    block.eval()
+    x = torch.randn(3, TOKENS, DIM)
+    keeps = _scaling_keeps()
+    gates = [UnitGate(g, keeps[g.name]) for g in groups]
+    with torch.no_grad():
+        gated = block(x)
+    for gate in gates:
+        gate.remove()
+    zeroed = copy.deepcopy(block)
+    keys = set(block.state_dict())
+    compact_(SimpleNamespace(), keeps, groups={g.name: g for g in groups})
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), gated, rtol=1e-5, atol=1e-6)
+    assert set(block.state_dict()) == keys
+    kept_heads, kept_neurons = (int(k.sum()) for k in keeps.values())
+    width = DIM // HEADS
+    assert block.num_heads == kept_heads
+    assert block.in_split == [kept_neurons] + [kept_heads * width] * 3
+    assert block.in_proj.out_features == kept_neurons + 3 * kept_heads * width
+    compacted = _scaling_groups(block)
+    assert [g.units for g in compacted.values()] == [kept_heads, kept_neurons]
+    # Zeroed in place, the dropped units compute nothing and read back as dropped.
+    zero_units_(_scaling_groups(zeroed), keeps)
+    with torch.no_grad():
+        torch.testing.assert_close(zeroed(x), gated, rtol=1e-5, atol=1e-6)
+    read = zeroed_units(list(_scaling_groups(zeroed).values()))
+    assert all(torch.equal(read[n], keeps[n]) for n in keeps)
+    # Expanded into a fresh full-size block: the kept units first, the same function.
+    expanded = _init(SCALING_BLOCKS[kind]()).eval()
+    placed = expand_(expanded, block, _scaling_groups(expanded), compacted)
+    assert [int(k.sum()) for k in placed.values()] == [kept_heads, kept_neurons]
+    with torch.no_grad():
+        torch.testing.assert_close(expanded(x), gated, rtol=1e-5, atol=1e-6)

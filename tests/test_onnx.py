@@ -292,7 +292,9 @@ FAMILIES = [
     "vit_small_r26_s32_224",  # hybrid: a ResNet stem
     "naflexvit_base_patch16_gap",  # NaFlexViT on plain images
     "vit_dwee_patch16_reg1_gap_256",  # DiffAttention, registers, token selection
-    "vit_pwee_patch16_reg1_gap_256",  # parallel blocks (fused in_proj), token selection
+    "vit_pwee_patch16_reg1_gap_256",  # parallel scaling blocks: heads and neurons in one in_proj
+    "vit_dpwee_patch16_reg1_gap_256",  # the same, differential heads and a fused out_proj
+    "vit_small_patch16_18x2_224",  # two attentions and two MLPs per block, pruned apart
 ]
 
 

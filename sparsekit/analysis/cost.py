@@ -119,8 +119,8 @@ def params_removed(groups: dict[str, UnitGroup], unit_masks: dict[str, torch.Ten
     for name, keep in unit_masks.items():
         group = groups[name]
         per_unit = sum(
-            chunks * group.width * (p.in_features + (p.bias is not None))
-            for p, chunks in group.rows
+            r.chunks * group.width * (r.linear.in_features + (r.linear.bias is not None))
+            for r in group.rows
         )
         per_unit += group.width * group.consumer.out_features
         per_unit += sum(

@@ -13,11 +13,17 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from sparsekit.errors import SparsekitError
-from sparsekit.export.manifest import METADATA_KEY, READABLE_VERSIONS, Manifest, export_sha256
+from sparsekit.export.manifest import (
+    METADATA_KEY,
+    READABLE_VERSIONS,
+    BlockShape,
+    Manifest,
+    export_sha256,
+)
 from sparsekit.export.sparse_storage import unpack
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.surgery.compact import shrink_, unit_groups
-from sparsekit.surgery.layouts import block_shape
+from sparsekit.surgery.layouts import block_shape, branch_shapes
 from sparsekit.surgery.tokens import Placement, TokenSelection
 
 
@@ -111,6 +117,46 @@ def load_compact(path: str | Path, accelerate: bool | str = False) -> nn.Module:
     return model
 
 
+def _parts(path, i: int, shape: BlockShape, block: nn.Module, whole: tuple[int, int]) -> list:
+    """Per attention and MLP of block `i` (one pair, or one per branch of a block with parallel
+    branches): their group names, what the manifest says they keep (heads, hidden neurons) and
+    what they hold at full size (`whole`: the block's heads and hidden neurons in all).
+
+    Raises:
+        SparsekitError: branches that do not match the block's, or that do not add up to it.
+    """
+    heads, hidden = whole
+    full = branch_shapes(block)
+    if full is None:
+        if shape.branches is not None:
+            raise SparsekitError(
+                f"{path}: block {i} lists parallel branches in the manifest, but it has none in "
+                "the model its manifest describes; the file is inconsistent."
+            )
+        return [
+            (
+                (f"blocks.{i}.attn", f"blocks.{i}.mlp"),
+                (shape.heads, shape.mlp_hidden),
+                (heads, hidden),
+            )
+        ]
+    kept = [(b.heads, b.mlp_hidden) for b in shape.branches or []]
+    if shape.branches is None and (shape.heads, shape.mlp_hidden) == (heads, hidden):
+        kept = full  # every unit kept (an export that predates per-branch counts)
+    if (
+        len(kept) != len(full)
+        or any(k[0] > f[0] or k[1] > f[1] for k, f in zip(kept, full, strict=False))
+        or (sum(k[0] for k in kept), sum(k[1] for k in kept)) != (shape.heads, shape.mlp_hidden)
+    ):
+        raise SparsekitError(
+            f"{path}: block {i} has {len(full)} parallel branches of {full} (heads, MLP width), "
+            f"but its manifest says {kept} for a block total of {shape.heads} heads and "
+            f"{shape.mlp_hidden} neurons; the file is inconsistent."
+        )
+    names = [(f"blocks.{i}.attns.{j}.attn", f"blocks.{i}.ffns.{j}.mlp") for j in range(len(full))]
+    return list(zip(names, kept, full, strict=True))
+
+
 def _head_units(path, model: nn.Module, kept: dict[str, tuple[int, int]]) -> dict[str, int]:
     """Per attention named in `kept` (its kept and its full number of query heads), the units
     that keep them: as many, or with grouped-query attention the key/value groups that hold
@@ -163,10 +209,12 @@ def built_export(
                 f"{shape.mlp_hidden} in the manifest, more than the {heads} and {hidden} of "
                 f"{manifest.model}; the file is inconsistent."
             )
-        if shape.heads != heads:
-            kept_heads[f"blocks.{i}.attn"] = (shape.heads, heads)
-        if shape.mlp_hidden != hidden:
-            sizes[f"blocks.{i}.mlp"] = shape.mlp_hidden
+        parts = _parts(path, i, shape, block, (heads, hidden))
+        for (attn, mlp), (kept, kept_hidden), (full, full_hidden) in parts:
+            if kept != full:
+                kept_heads[attn] = (kept, full)
+            if kept_hidden != full_hidden:
+                sizes[mlp] = kept_hidden
     sizes.update(_head_units(path, model, kept_heads))
     if sizes:
         shrink_(model, sizes)

@@ -26,25 +26,38 @@ READABLE_VERSIONS = (2, 3)
 METADATA_KEY = "sparsekit"
 # Fields added after format 2, left out of the hash while at their defaults (empty or null), so
 # that a format-2 export keeps the hash it was written with.
-ADDED_FIELDS = ("compressed", "preprocessing", "nm_layers")
+ADDED_FIELDS = ("compressed", "preprocessing", "nm_layers")  # and BlockShape.branches
 
 MAX_BLOCKS = MODEL_ARG_BOUNDS["depth"][1]
 MAX_HEADS = MODEL_ARG_BOUNDS["num_heads"][1]
 MAX_WIDTH = MODEL_ARG_BOUNDS["embed_dim"][1]
 MAX_MLP_HIDDEN = int(MAX_WIDTH * MAX_MLP_RATIO)
+MAX_BRANCHES = 4  # timm builds ParallelThingsBlock with 2; no model argument sets it
 SHA256 = r"^[0-9a-f]{64}$"
 NM_PATTERN = r"^[0-9]{1,3}:[0-9]{1,3}$"
 UNSEALED = "0" * 64  # the `sha256` of a manifest before `sealed` computes it
 
 
-class BlockShape(BaseModel):
-    """What one transformer block kept."""
+class BranchShape(BaseModel):
+    """What one branch of a block with parallel attentions and MLPs kept (timm's
+    `ParallelThingsBlock`: branch j is `attns.j` and `ffns.j`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     heads: int = Field(ge=1, le=MAX_HEADS)
-    head_dim: int = Field(ge=1, le=MAX_WIDTH)
     mlp_hidden: int = Field(ge=1, le=MAX_MLP_HIDDEN)
+
+
+class BlockShape(BaseModel):
+    """What one transformer block kept: in all, and per branch for a block with parallel
+    branches (`branches`, null for any other block)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    heads: int = Field(ge=1, le=MAX_HEADS * MAX_BRANCHES)
+    head_dim: int = Field(ge=1, le=MAX_WIDTH)
+    mlp_hidden: int = Field(ge=1, le=MAX_MLP_HIDDEN * MAX_BRANCHES)
+    branches: list[BranchShape] | None = Field(None, min_length=1, max_length=MAX_BRANCHES)
 
 
 class TokenSelector(BaseModel):
@@ -130,6 +143,9 @@ def canonical_json(manifest: Manifest) -> bytes:
     for name in ADDED_FIELDS:
         if fields.get(name) == Manifest.model_fields[name].get_default():
             del fields[name]
+    for block in fields["blocks"]:  # added later too: absent from a block without branches
+        if block.get("branches") is None:
+            block.pop("branches", None)
     return json.dumps(
         fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     ).encode()

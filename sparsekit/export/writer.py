@@ -31,6 +31,7 @@ from sparsekit.export.manifest import (
     METADATA_KEY,
     UNSEALED,
     BlockShape,
+    BranchShape,
     Manifest,
     Preprocessing,
     TokenSelector,
@@ -47,7 +48,7 @@ from sparsekit.models import ModelSpec
 from sparsekit.run_folder.records import read_run_json
 from sparsekit.run_folder.trained_run import open_run
 from sparsekit.surgery.geometry import input_size
-from sparsekit.surgery.layouts import block_shape
+from sparsekit.surgery.layouts import block_shape, branch_shapes
 from sparsekit.surgery.tokens import Placement
 from sparsekit.version import __version__
 
@@ -137,7 +138,12 @@ def block_shapes(model: nn.Module) -> list[BlockShape]:
     shapes = []
     for block in model.blocks:
         heads, head_dim, hidden = block_shape(block)
-        shapes.append(BlockShape(heads=heads, head_dim=head_dim, mlp_hidden=hidden))
+        branches = branch_shapes(block)
+        if branches is not None:
+            branches = [BranchShape(heads=h, mlp_hidden=m) for h, m in branches]
+        shapes.append(
+            BlockShape(heads=heads, head_dim=head_dim, mlp_hidden=hidden, branches=branches)
+        )
     return shapes
 
 

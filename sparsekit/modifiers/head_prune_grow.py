@@ -439,9 +439,10 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
 def _unit_norms(group: UnitGroup) -> torch.Tensor:
     """L2 norm of each unit's weights: its producer rows and its consumer columns."""
     total = torch.zeros(group.units, dtype=torch.float64)
-    for producer, chunks in group.rows:
-        rows = producer.weight.detach().double().pow(2).sum(1).cpu()
-        total += rows.view(chunks, group.units, group.width).sum((0, 2))
-    cols = group.consumer.weight.detach().double().pow(2).sum(0).cpu()
+    for producer in group.rows:
+        rows = producer.linear.weight[group.row_span(producer)].detach()
+        rows = rows.double().pow(2).sum(1).cpu()
+        total += rows.view(producer.chunks, group.units, group.width).sum((0, 2))
+    cols = group.consumer.weight[:, group.column_span()].detach().double().pow(2).sum(0).cpu()
     total += cols.view(group.units, group.width).sum(1)
     return total.sqrt()

@@ -37,6 +37,10 @@ ACTIVE_CLASSES = frozenset(
         "GluMlp",
         "DiffAttention",
         "NarrowDiffAttention",
+        "ParallelScalingBlock",
+        "NarrowParallelScalingBlock",
+        "DiffParallelScalingBlock",
+        "NarrowDiffParallelScalingBlock",
     }
 )
 
@@ -84,17 +88,26 @@ class ActiveForward:
             self._index[g.name] = {
                 "units": keep.nonzero().flatten().to(g.consumer.weight.device),
                 "cols": g.column_index(keep),
-                **{f"rows{i}": g.row_index(keep, chunks) for i, (_, chunks) in enumerate(g.rows)},
+                **{f"rows{i}": g.row_index(keep, rows) for i, rows in enumerate(g.rows)},
                 **{f"tensor{i}": g.tensor_index(t, keep) for i, t in enumerate(g.tensors)},
             }
 
     def enable(self) -> None:
         if self.enabled:
             return
-        for g in self.groups:
-            make = _attention_forward if g.kind == "heads" else _mlp_forward
-            forward = types.MethodType(make(g, self._index, self.gates[g.name]), g.module)
-            self._overrides.append(self.edits.override_forward(g.module, forward))
+        by_module: dict[int, list[UnitGroup]] = {}
+        for g in self.groups:  # a parallel scaling block holds its heads and its neurons
+            by_module.setdefault(id(g.module), []).append(g)
+        for groups in by_module.values():
+            module = groups[0].module
+            if hasattr(module, "in_split"):
+                make = _scaling_forward(groups, self._index, self.gates)
+            elif groups[0].kind == "heads":
+                make = _attention_forward(groups[0], self._index, self.gates[groups[0].name])
+            else:
+                make = _mlp_forward(groups[0], self._index, self.gates[groups[0].name])
+            forward = types.MethodType(make, module)
+            self._overrides.append(self.edits.override_forward(module, forward))
 
     def disable(self) -> None:
         """Back to the modules' class forward (and the gates' masking)."""
@@ -119,7 +132,7 @@ def _attention_forward(group: UnitGroup, indices: dict, gate: UnitGate):
     # The class forward's arguments after (self, x), by position: rope, attn_mask, is_causal,
     # shared_rel_pos_bias, ... as each class orders them.
     names = list(inspect.signature(type(group.module).forward).parameters)[2:]
-    producer = {id(p): i for i, (p, _) in enumerate(group.rows)}
+    producer = {id(r.linear): i for i, r in enumerate(group.rows)}
     # Each `UnitTensor`'s index key, by (owner, attribute): EVA's and BEiT's q/k/v biases, and
     # with grouped-query attention the k and v rows of their Linear (a head wide).
     tensor = {(id(t.owner), t.attr): f"tensor{i}" for i, t in enumerate(group.tensors)}
@@ -224,5 +237,56 @@ def _mlp_forward(group: UnitGroup, indices: dict, gate: UnitGate):
         hidden = gate.apply(hidden, index["units"])
         out = F.linear(hidden, mlp.fc2.weight.index_select(1, index["cols"]), mlp.fc2.bias)
         return mlp.drop2(out)
+
+    return forward
+
+
+def _scaling_forward(groups: list[UnitGroup], indices: dict, gates: dict[str, UnitGate]):
+    """A `ParallelScalingBlock`'s or `DiffParallelScalingBlock`'s forward on the kept heads
+    and neurons only (`narrow_attention.scaling_block` on their rows and columns); a kind
+    that no phase gates runs whole."""
+    from sparsekit.surgery.narrow_attention import scaling_block
+
+    heads = next((g for g in groups if g.kind == "heads"), None)
+    neurons = next((g for g in groups if g.kind == "neurons"), None)
+
+    def forward(block: nn.Module, x: torch.Tensor, attn_mask=None, is_causal: bool = False):
+        if not block.training:
+            return type(block).forward(block, x, attn_mask, is_causal)
+        hidden, width = block.in_split[0], block.in_split[1]
+        fused = block.out_proj is not None
+
+        def kept(group: UnitGroup | None, key: str, start: int, size: int) -> torch.Tensor:
+            """The kept units' positions, or all `size` from `start` of a kind not gated."""
+            if group is None:
+                return torch.arange(start, start + size, device=block.in_proj.weight.device)
+            return indices[group.name][key]
+
+        mlp_rows = kept(neurons, "rows0", 0, hidden)
+        rows = torch.cat((mlp_rows, kept(heads, "rows0", hidden, 3 * width)))
+        attn_cols = kept(heads, "cols", 0, width)
+        mlp_cols = kept(neurons, "cols", width if fused else 0, hidden)
+        mlp_bias = block.mlp_bias
+        if neurons is not None and mlp_bias is not None:
+            mlp_bias = mlp_bias.index_select(0, indices[neurons.name]["tensor0"])
+
+        def in_proj(y: torch.Tensor):
+            return F.linear(y, *_rows(block.in_proj, rows)), mlp_rows.numel(), mlp_bias
+
+        def out_proj(x_attn: torch.Tensor, x_mlp: torch.Tensor) -> torch.Tensor:
+            # The kept units' gate values (all 1): their gradient is the Taylor prune score.
+            if heads is not None:
+                x_attn = gates[heads.name].apply(x_attn, indices[heads.name]["units"])
+            if neurons is not None:
+                x_mlp = gates[neurons.name].apply(x_mlp, indices[neurons.name]["units"])
+            if fused:
+                weight = block.out_proj.weight.index_select(1, torch.cat((attn_cols, mlp_cols)))
+                return F.linear(torch.cat((x_attn, x_mlp), dim=-1), weight, block.out_proj.bias)
+            attn, mlp = block.attn_out_proj, block.mlp_out_proj
+            return F.linear(x_attn, attn.weight.index_select(1, attn_cols), attn.bias) + F.linear(
+                x_mlp, mlp.weight.index_select(1, mlp_cols), mlp.bias
+            )
+
+        return scaling_block(block, x, attn_mask, is_causal, in_proj, out_proj)
 
     return forward

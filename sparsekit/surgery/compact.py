@@ -4,8 +4,9 @@
 heads out of `qkv` (or `q_proj`, `k_proj`, `v_proj`), the matching input columns out of `proj`,
 the rows of a gated attention's `gate` and any per-head tensor (separate q/v biases, relative
 position bias tables), then tells the module how many heads it keeps (`UnitGroup.resize`, from
-`layouts`); per MLP block, the kept `fc1` rows and bias and `fc2` columns. The result is the
-timm model that runs only what was kept.
+`layouts`); per MLP block, the kept `fc1` rows and bias and `fc2` columns. A Linear that the
+heads and the neurons share (a parallel block's `in_proj`) is cut once, for both. The result is
+the timm model that runs only what was kept.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def compact_(
             of the wrong length, or one that keeps no unit at all.
     """
     groups = groups if groups is not None else unit_groups(model, list(keeps))
+    cut: dict[str, tuple[UnitGroup, torch.Tensor]] = {}
     for name, keep in keeps.items():
         group = groups.get(name)
         if group is None:
@@ -60,23 +62,57 @@ def compact_(
             raise SparsekitError(
                 f"{name} has {group.units} {group.kind}, but its keep mask has {keep.numel()}."
             )
-        kept = int(keep.sum())
-        if kept == 0:
+        if not keep.any():
             raise SparsekitError(f"{name} would keep no {group.kind}; keep at least one.")
-        if kept == group.units:
-            continue
-        for producer, chunks in group.rows:
-            _replace(group.module, producer, _sliced(producer, rows=group.row_index(keep, chunks)))
-        _replace(
-            group.module, group.consumer, _sliced(group.consumer, cols=group.column_index(keep))
-        )
-        for unit_tensor in group.tensors:
-            _slice_tensor(unit_tensor, group.tensor_index(unit_tensor, keep))
+        if not keep.all():
+            cut[name] = (group, keep)
+    # Every tensor is cut once, to all but the positions of the units dropped from it: a Linear
+    # that two groups share (a parallel block's in_proj and out_proj) keeps the other's.
+    for linear, parent, rows, cols in _cuts(cut.values()):
+        _replace(parent, linear, _sliced(linear, rows, cols))
+    for unit_tensor, index in _tensor_cuts(cut.values()):
+        _slice_tensor(unit_tensor, index)
+    for group, keep in cut.values():
         if group.arrange is not None:
             group.arrange(keep)
         if group.resize is not None:
-            group.resize(kept)
+            group.resize(int(keep.sum()))
     return model
+
+
+def _cuts(cut) -> list[tuple[nn.Linear, nn.Module, torch.Tensor | None, torch.Tensor | None]]:
+    """Per Linear of the `cut` groups (group, keep): its parent and the rows and columns it
+    keeps (None: all)."""
+    drops: dict[int, list] = {}  # id -> [linear, parent, dropped rows, dropped columns]
+    for group, keep in cut:
+        for rows in group.rows:
+            entry = drops.setdefault(id(rows.linear), [rows.linear, group.module, [], []])
+            entry[2].append(group.row_index(~keep, rows))
+        entry = drops.setdefault(id(group.consumer), [group.consumer, group.module, [], []])
+        entry[3].append(group.column_index(~keep))
+    return [
+        (linear, parent, _all_but(rows, linear.out_features), _all_but(cols, linear.in_features))
+        for linear, parent, rows, cols in drops.values()
+    ]
+
+
+def _tensor_cuts(cut) -> list[tuple[UnitTensor, torch.Tensor]]:
+    """Per unit-laid-out tensor of the `cut` groups, the positions it keeps."""
+    out = []
+    for group, keep in cut:
+        for t in group.tensors:
+            out.append((t, _all_but([group.tensor_index(t, ~keep)], t.tensor.shape[t.dim])))
+    return out
+
+
+def _all_but(dropped: list[torch.Tensor], size: int) -> torch.Tensor | None:
+    """The positions 0..size-1 not in any of `dropped`, in order (None when none is dropped)."""
+    if not dropped:
+        return None
+    kept = torch.ones(size, dtype=torch.bool, device=dropped[0].device)
+    for index in dropped:
+        kept[index] = False
+    return kept.nonzero().flatten()
 
 
 @torch.no_grad()
@@ -122,11 +158,11 @@ def zero_units_(groups: dict[str, UnitGroup], keeps: dict[str, torch.Tensor]) ->
         if not drop.any():
             continue
         group.consumer.weight[:, group.column_index(drop)] = 0
-        for producer, chunks in group.rows:
-            rows = group.row_index(drop, chunks)
-            producer.weight[rows] = 0
-            if producer.bias is not None:
-                producer.bias[rows] = 0
+        for producer in group.rows:
+            rows = group.row_index(drop, producer)
+            producer.linear.weight[rows] = 0
+            if producer.linear.bias is not None:
+                producer.linear.bias[rows] = 0
         for unit_tensor in group.tensors:
             unit_tensor.tensor.index_fill_(
                 unit_tensor.dim, group.tensor_index(unit_tensor, drop), 0

@@ -26,12 +26,14 @@ def zeroed_units(groups: list[UnitGroup]) -> dict[str, torch.Tensor]:
     keeps: dict[str, torch.Tensor] = {}
     for g in groups:
         alive = torch.zeros(g.units, dtype=torch.bool)
-        for producer, chunks in g.rows:
-            rows = producer.weight.ne(0).any(1)
-            if producer.bias is not None:
-                rows |= producer.bias.ne(0)
-            alive |= rows.view(chunks, g.units, g.width).any(2).any(0).cpu()
-        alive |= g.consumer.weight.ne(0).any(0).view(g.units, g.width).any(1).cpu()
+        for producer in g.rows:
+            linear, span = producer.linear, g.row_span(producer)
+            rows = linear.weight[span].ne(0).any(1)
+            if linear.bias is not None:
+                rows |= linear.bias[span].ne(0)
+            alive |= rows.view(producer.chunks, g.units, g.width).any(2).any(0).cpu()
+        columns = g.consumer.weight[:, g.column_span()]
+        alive |= columns.ne(0).any(0).view(g.units, g.width).any(1).cpu()
         for t in g.tensors:
             per_unit = t.tensor.ne(0).movedim(t.dim, 0).reshape(t.chunks, g.units, t.width, -1)
             alive |= per_unit.any(-1).any(-1).any(0).cpu()
@@ -55,7 +57,17 @@ def expand_(
         SparsekitError: a group of `compact` larger than its full-size one, or a tensor of
             another shape than `full`'s.
     """
-    written: set[int] = set()  # the full-size tensors the groups wrote
+    # Per full-size tensor the groups lay out: the compacted tensor it comes from, along which
+    # dim, and which of its positions the compacted one holds (all but the dropped units').
+    placed: dict[int, tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]] = {}
+
+    def place(full_tensor, source, dim: int, dropped: torch.Tensor) -> None:
+        entry = placed.setdefault(
+            id(full_tensor),
+            (full_tensor, source, dim, torch.ones(full_tensor.shape[dim], dtype=torch.bool)),
+        )
+        entry[3][dropped.cpu()] = False
+
     keeps: dict[str, torch.Tensor] = {}
     for name, g in full_groups.items():
         small = compact_groups[name]
@@ -66,19 +78,25 @@ def expand_(
             )
         keep = torch.zeros(g.units, dtype=torch.bool)
         keep[: small.units] = True
-        for (producer, chunks), (source, _) in zip(g.rows, small.rows, strict=True):
-            rows = g.row_index(keep, chunks)
-            producer.weight.zero_().index_copy_(0, rows, source.weight)
-            written.add(id(producer.weight))
-            if producer.bias is not None:
-                producer.bias.zero_().index_copy_(0, rows, source.bias)
-                written.add(id(producer.bias))
-        g.consumer.weight.zero_().index_copy_(1, g.column_index(keep), small.consumer.weight)
-        written.add(id(g.consumer.weight))
+        for producer, source in zip(g.rows, small.rows, strict=True):
+            dropped = g.row_index(~keep, producer)
+            place(producer.linear.weight, source.linear.weight, 0, dropped)
+            if producer.linear.bias is not None:
+                place(producer.linear.bias, source.linear.bias, 0, dropped)
+        place(g.consumer.weight, small.consumer.weight, 1, g.column_index(~keep))
         for t, source_tensor in zip(g.tensors, small.tensors, strict=True):
-            t.tensor.zero_().index_copy_(t.dim, g.tensor_index(t, keep), source_tensor.tensor)
-            written.add(id(t.tensor))
+            place(t.tensor, source_tensor.tensor, t.dim, g.tensor_index(t, ~keep))
         keeps[name] = keep
+    for tensor, source, dim, kept in placed.values():
+        index = kept.nonzero().flatten().to(tensor.device)
+        if source.shape[dim] != index.numel():
+            raise SparsekitError(
+                f"a tensor of {tuple(source.shape)} in the compacted model does not fit the "
+                f"{index.numel()} of {tuple(tensor.shape)} its units keep at full size; the "
+                "export is inconsistent."
+            )
+        tensor.zero_().index_copy_(dim, index, source.to(tensor.dtype))
+    written = set(placed)  # the full-size tensors the groups wrote
     source_state = compact.state_dict()
     for key, tensor in full.state_dict(keep_vars=True).items():
         if id(tensor) in written:

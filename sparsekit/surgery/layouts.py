@@ -15,27 +15,43 @@ import torch
 from torch import nn
 
 from sparsekit.errors import SparsekitError
-from sparsekit.surgery.targets import PARALLEL_BLOCKS, check_supported
-from sparsekit.surgery.units import UnitGroup, UnitTensor
+from sparsekit.surgery.targets import check_supported, parallel_kind
+from sparsekit.surgery.units import Rows, UnitGroup, UnitTensor
 
 
 def head_groups(model: nn.Module) -> list[UnitGroup]:
-    """One group per attention block, with the head layout read from the module
-    (`layouts.head_group`).
+    """One group per attention, with the head layout read from the module
+    (`layouts.head_group`): one per block, two per `ParallelThingsBlock` (one per branch).
 
     Raises:
         SparsekitError: an attention whose heads sparsekit cannot remove exactly, and why.
     """
-    return [head_group(model, f"blocks.{i}.attn", b) for i, b in enumerate(_blocks(model))]
+    return [head_group(model, n, part) for n, part in _parts(model, "attn")]
 
 
 def neuron_groups(model: nn.Module) -> list[UnitGroup]:
-    """One group per MLP block, one unit per hidden neuron (`layouts.neuron_group`).
+    """One group per MLP, one unit per hidden neuron (`layouts.neuron_group`).
 
     Raises:
         SparsekitError: an MLP whose neurons sparsekit cannot remove exactly, and why.
     """
-    return [neuron_group(f"blocks.{i}.mlp", b) for i, b in enumerate(_blocks(model))]
+    return [neuron_group(n, part) for n, part in _parts(model, "mlp")]
+
+
+def _parts(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
+    """(group name, the module holding its `attn` or `mlp`) for every attention or MLP of the
+    model: the block itself ("blocks.3.attn"), or each branch of a `ParallelThingsBlock`
+    ("blocks.3.attns.0.attn", "blocks.3.ffns.1.mlp"). A `ParallelScalingBlock` holds its
+    units itself and keeps the block's names."""
+    parts = []
+    for i, block in enumerate(_blocks(model)):
+        if hasattr(block, "attns"):
+            branches = block.attns if kind == "attn" else block.ffns
+            field = "attns" if kind == "attn" else "ffns"
+            parts += [(f"blocks.{i}.{field}.{j}.{kind}", b) for j, b in enumerate(branches)]
+        else:
+            parts.append((f"blocks.{i}.{kind}", block))
+    return parts
 
 
 def gateable_groups(model: nn.Module) -> list[UnitGroup]:
@@ -62,7 +78,8 @@ def head_group(model: nn.Module, name: str, block: nn.Module) -> UnitGroup:
         SparsekitError: the attention class is unknown, or its heads cannot be removed exactly
             (normalized together, shared keys and values, per-head tables shared by blocks).
     """
-    _refuse_parallel(name, block)
+    if _scaling(block):
+        return _scaling_heads(name, block)
     attn = getattr(block, "attn", None)
     layout = _HEAD_LAYOUTS.get(_qualname(attn))
     if layout is None:
@@ -87,7 +104,8 @@ def neuron_group(name: str, block: nn.Module) -> UnitGroup:
     Raises:
         SparsekitError: an MLP of another kind, or one that normalizes across its hidden layer.
     """
-    _refuse_parallel(name, block)
+    if _scaling(block):
+        return _scaling_neurons(name, block)
     mlp = getattr(block, "mlp", None)
     kind = _qualname(mlp)
     if kind == "timm.layers.mlp.Mlp" and isinstance(mlp.fc1, nn.Linear):
@@ -110,13 +128,60 @@ def neuron_group(name: str, block: nn.Module) -> UnitGroup:
     return UnitGroup(name, "neurons", mlp, mlp.fc2.in_features, 1, producers, mlp.fc2)
 
 
-def _refuse_parallel(name: str, block: nn.Module) -> None:
-    if type(block).__name__ in PARALLEL_BLOCKS:
-        raise SparsekitError(
-            f"{name.rsplit('.', 1)[0]} is a {type(block).__name__}, which runs its attention and "
-            "MLP side by side; head and neuron pruning do not support parallel blocks yet "
-            "(unstructured_dst and token_select do). Drop the head_prune_grow phase."
-        )
+def _scaling(block: nn.Module) -> bool:
+    """Whether `block` is a parallel scaling block, which holds its heads and neurons itself."""
+    return parallel_kind(block) in ("ParallelScalingBlock", "DiffParallelScalingBlock")
+
+
+def _scaling_heads(name: str, block: nn.Module) -> UnitGroup:
+    """The heads of a `ParallelScalingBlock` or `DiffParallelScalingBlock`: their q, k and v
+    rows follow the MLP's hidden rows in the block's `in_proj` ([hidden | q | k | v]), their
+    columns come first in a fused `out_proj` ([heads | hidden]) or fill `attn_out_proj`. A
+    differential head is twice the block's `head_dim` wide (two q and two k sub-heads)."""
+    hidden, width = block.in_split[0], block.in_split[1] // block.num_heads
+    consumer = block.out_proj if block.out_proj is not None else block.attn_out_proj
+
+    def resize(kept: int) -> None:
+        block.num_heads = kept
+        block.in_split = [block.in_split[0]] + [kept * width] * 3
+
+    rows = (Rows(block.in_proj, 3, hidden),)
+    return UnitGroup(
+        name,
+        "heads",
+        block,
+        block.num_heads,
+        width,
+        rows,
+        consumer,
+        resize=_narrowed(block, resize),
+    )
+
+
+def _scaling_neurons(name: str, block: nn.Module) -> UnitGroup:
+    """The MLP neurons of a `ParallelScalingBlock` or `DiffParallelScalingBlock`: the first
+    rows of its `in_proj` (with `mlp_bias` when the projection has no bias), and the columns
+    of `mlp_out_proj` or those after the heads' in a fused `out_proj`."""
+    hidden, heads_width = block.in_split[0], block.in_split[1]
+    fused = block.out_proj is not None
+    consumer = block.out_proj if fused else block.mlp_out_proj
+    tensors = (UnitTensor(block, "mlp_bias", 0, 1),) if block.mlp_bias is not None else ()
+
+    def resize(kept: int) -> None:
+        block.in_split = [kept] + block.in_split[1:]
+
+    return UnitGroup(
+        name,
+        "neurons",
+        block,
+        hidden,
+        1,
+        (Rows(block.in_proj, 1, 0),),
+        consumer,
+        tensors=tensors,
+        consumer_start=heads_width if fused else 0,
+        resize=_narrowed(block, resize),
+    )
 
 
 def _qualname(module: object) -> str:
@@ -373,6 +438,17 @@ def block_shape(block: nn.Module) -> tuple[int, int, int]:
         return block.num_heads, width // block.num_heads, hidden
     heads, width = attention_shape(block.attn)
     return heads, width, mlp_width(block.mlp)
+
+
+def branch_shapes(block: nn.Module) -> list[tuple[int, int]] | None:
+    """(heads, MLP hidden neurons) of each branch of a `ParallelThingsBlock` (branch j:
+    `attns.j` and `ffns.j`); None for any other block."""
+    if not hasattr(block, "attns"):
+        return None
+    return [
+        (attention_shape(a.attn)[0], mlp_width(f.mlp))
+        for a, f in zip(block.attns, block.ffns, strict=True)
+    ]
 
 
 def attention_shape(attn: nn.Module) -> tuple[int, int]:

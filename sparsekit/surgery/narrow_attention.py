@@ -1,10 +1,10 @@
 """Forwards for attentions that keep fewer heads than their block is wide.
 
-timm's `EvaAttention`, BEiT's `Attention`, `RelPosAttention` and `DiffAttention` reshape the
-heads' output to the block's width (`reshape(B, N, C)` with C the input's), which holds only
-while every head is kept. Compaction gives such a module its narrow class below: the same module, parameters and
-state-dict keys, whose forward is timm's with the heads' output reshaped to
-`num_heads x head_dim`. `tests/test_layouts.py` checks each against timm's own forward.
+timm's `EvaAttention`, BEiT's `Attention`, `RelPosAttention`, `DiffAttention` and the parallel
+scaling blocks reshape the heads' output to the block's width (`reshape(B, N, C)` with C the
+input's), which holds only while every head is kept. Compaction gives such a module its narrow
+class below: the same module, parameters and state-dict keys, whose forward is timm's with the
+heads' output reshaped to `num_heads x head_dim`. `tests/test_layouts.py` checks each against timm's own forward.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from timm.layers import AttentionRope, DiffAttention, apply_rot_embed_cat
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
+from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 from timm.models.vision_transformer_relpos import RelPosAttention
 from torch import nn
 
@@ -175,12 +176,69 @@ class NarrowDiffAttention(DiffAttention):
         return self.proj_drop(self.proj(x))
 
 
+def scaling_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    attn_mask=None,
+    is_causal: bool = False,
+    in_proj=None,
+    out_proj=None,
+) -> torch.Tensor:
+    """The forward of timm's `ParallelScalingBlock` and `DiffParallelScalingBlock` at the
+    heads and MLP width they hold, in timm's order of operations. `in_proj(y)` gives the
+    [hidden | q | k | v] projection, the hidden width and the MLP bias, `out_proj(heads,
+    hidden)` the block's output projection: by default the block's own, while the active
+    sub-network's forward (`active`) passes the kept units' slices."""
+    batch, length, _ = x.shape
+    y = block.in_norm(x)
+    if in_proj is None:
+        y, hidden, mlp_bias = block.in_proj(y), block.in_split[0], block.mlp_bias
+    else:
+        y, hidden, mlp_bias = in_proj(y)
+    x_mlp, qkv = y[..., :hidden], y[..., hidden:]
+    if mlp_bias is not None:
+        x_mlp = x_mlp + mlp_bias
+    if hasattr(block, "lambda_init"):  # differential heads
+        x_attn = differential_heads(block, qkv, attn_mask, is_causal)
+    else:
+        heads = qkv.shape[-1] // (3 * block.head_dim)
+        q, k, v = (
+            t.reshape(batch, length, heads, block.head_dim).transpose(1, 2)
+            for t in qkv.chunk(3, dim=-1)
+        )
+        x_attn = attend(block, block.q_norm(q), block.k_norm(k), v, attn_mask, is_causal)
+    x_mlp = block.mlp_drop(block.mlp_act(x_mlp))
+    if out_proj is not None:
+        y = out_proj(x_attn, x_mlp)
+    elif block.out_proj is not None:
+        y = block.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
+    else:
+        y = block.attn_out_proj(x_attn) + block.mlp_out_proj(x_mlp)
+    return x + block.drop_path(block.ls(y))
+
+
+class NarrowParallelScalingBlock(ParallelScalingBlock):
+    """timm's `ParallelScalingBlock` with fewer heads than the block's width."""
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        return scaling_block(self, x, attn_mask, is_causal)
+
+
+class NarrowDiffParallelScalingBlock(DiffParallelScalingBlock):
+    """timm's `DiffParallelScalingBlock` with fewer heads than the block's width."""
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        return scaling_block(self, x, attn_mask, is_causal)
+
+
 _NARROW: dict[type, type] = {
     AttentionRope: NarrowRopeAttention,
     EvaAttention: NarrowEvaAttention,
     BeitAttention: NarrowBeitAttention,
     RelPosAttention: NarrowRelPosAttention,
     DiffAttention: NarrowDiffAttention,
+    ParallelScalingBlock: NarrowParallelScalingBlock,
+    DiffParallelScalingBlock: NarrowDiffParallelScalingBlock,
 }
 
 

@@ -75,13 +75,18 @@ def check_supported(model: nn.Module) -> None:
         )
     for i, block in enumerate(model.blocks):
         plain = hasattr(block, "attn") and hasattr(block, "mlp")
-        if not plain and type(block).__name__ not in PARALLEL_BLOCKS:
+        if not plain and parallel_kind(block) is None:
             raise SparsekitError(
                 f"block {i} of {type(model).__name__} is a {type(block).__name__}, which holds "
                 "no `attn` and `mlp` and is not one of timm's parallel blocks "
                 f"({', '.join(PARALLEL_BLOCKS)}); its layout is unknown to sparsekit. "
                 "docs/support.md lists the models that are supported."
             )
+
+
+def parallel_kind(block: nn.Module) -> str | None:
+    """Which of timm's parallel blocks `block` is (compacted, it is a subclass), or None."""
+    return next((c.__name__ for c in type(block).__mro__ if c.__name__ in PARALLEL_BLOCKS), None)
 
 
 def find_targets(

@@ -26,11 +26,11 @@ def unit_slices(groups: list[UnitGroup], selected: dict[str, torch.Tensor]) -> l
         units = selected[g.name]
         if not units.any():
             continue
-        for producer, chunks in g.rows:
-            rows = g.row_index(units, chunks)
-            out.append((producer.weight, 0, rows))
-            if producer.bias is not None:
-                out.append((producer.bias, 0, rows))
+        for producer in g.rows:
+            rows = g.row_index(units, producer)
+            out.append((producer.linear.weight, 0, rows))
+            if producer.linear.bias is not None:
+                out.append((producer.linear.bias, 0, rows))
         out.append((g.consumer.weight, 1, g.column_index(units)))
         for unit_tensor in g.tensors:
             if isinstance(unit_tensor.tensor, nn.Parameter):  # buffers are never trained

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -37,16 +37,26 @@ class UnitTensor:
         return getattr(self.owner, self.attr)
 
 
+class Rows(NamedTuple):
+    """Output rows of a Linear that belong to a group's units: `chunks` unit-major chunks (3
+    for a fused qkv) from row `start` on. A Linear that feeds two groups (a parallel block's
+    `in_proj`, rows [MLP hidden | q | k | v]) holds each group's rows at its own start."""
+
+    linear: nn.Linear
+    chunks: int = 1
+    start: int = 0
+
+
 @dataclass(frozen=True)
 class UnitGroup:
     """The units of one module: the heads of an attention, or the neurons of an MLP.
 
     `rows` are the Linear layers whose output rows belong to the units (q, k and v rows of each
-    head; the fc1 rows of each neuron), `chunks` how many unit-major chunks each of them holds
-    (3 for a fused qkv), `consumer` the Linear whose input columns belong to the units, and
-    `tensors` any other tensor laid out by unit. `resize`, when set, tells the module how many
-    units it keeps once their slices are cut (`compact_`), and `arrange` lines up state held
-    outside it.
+    head; the fc1 rows of each neuron; given as `Rows` or as (linear, chunks)), `consumer` the
+    Linear whose input columns belong to the units (from column `consumer_start` on, where it
+    consumes another group's too), and `tensors` any other tensor laid out by unit. `resize`,
+    when set, tells the module how many units it keeps once their slices are cut
+    (`compact_`), and `arrange` lines up state held outside it.
     """
 
     name: str  # e.g. "blocks.3.attn"
@@ -54,24 +64,35 @@ class UnitGroup:
     module: nn.Module
     units: int
     width: int  # features per unit: head_dim for heads, 1 for neurons
-    rows: tuple[tuple[nn.Linear, int], ...]
+    rows: tuple[Rows, ...]
     consumer: nn.Linear
     tensors: tuple[UnitTensor, ...] = ()
+    consumer_start: int = 0
     resize: Callable[[int], None] | None = None
     # Per-unit state held outside the module, which cannot be cut per block (the rotary
     # frequencies of a `rope_mixed` model): `arrange(keep)` moves the kept units' first, in
     # order, as compaction leaves the module's own units.
     arrange: Callable[[torch.Tensor], None] | None = None
 
-    def row_index(self, selected: torch.Tensor, chunks: int) -> torch.Tensor:
-        """Output rows of a producer with `chunks` unit-major chunks that belong to the
-        selected units (a bool per unit), in order: for a fused qkv, their q rows, then their k
-        rows, then their v rows."""
-        return self.index(selected, chunks, self.width)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", tuple(Rows(*r) for r in self.rows))
+
+    def row_index(self, selected: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """Output rows of the producer `rows` that belong to the selected units (a bool per
+        unit), in order: for a fused qkv, their q rows, then their k rows, then their v rows."""
+        return self.index(selected, rows.chunks, self.width) + rows.start
 
     def column_index(self, selected: torch.Tensor) -> torch.Tensor:
         """Input columns of the consumer that belong to the selected units, in order."""
-        return self.index(selected, 1, self.width)
+        return self.index(selected, 1, self.width) + self.consumer_start
+
+    def row_span(self, rows: Rows) -> slice:
+        """All the rows of the producer `rows` that belong to this group's units."""
+        return slice(rows.start, rows.start + rows.chunks * self.units * self.width)
+
+    def column_span(self) -> slice:
+        """All the consumer's input columns that belong to this group's units."""
+        return slice(self.consumer_start, self.consumer_start + self.units * self.width)
 
     def index(self, selected: torch.Tensor, chunks: int, width: int) -> torch.Tensor:
         """Positions along a unit-laid-out axis (`chunks` unit-major chunks of `width` entries
@@ -124,7 +145,13 @@ class UnitGate:
 
     def _gate_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple:
         x, *rest = args
-        return (self.apply(x), *rest)
+        span = self.group.column_span()
+        if span.stop - span.start == x.shape[-1]:
+            return (self.apply(x), *rest)
+        # A consumer of two groups (a parallel block's fused out_proj): gate this one's columns.
+        sizes = [span.start, span.stop - span.start, x.shape[-1] - span.stop]
+        before, mine, after = x.split(sizes, dim=-1)
+        return (torch.cat((before, self.apply(mine), after), dim=-1), *rest)
 
     def apply(self, x: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
         """`x` (batch first, features last) times the gates of `units` (all units when None:
