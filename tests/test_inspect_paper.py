@@ -289,3 +289,34 @@ def test_inspect_prices_every_masking_kind_at_its_first_masks(tmp_path: Path, ph
     assert result.exit_code == 0, result.output
     densities = {b["weight_density"] for b in json.loads(result.stdout)["blocks"]}
     assert densities and all(d == pytest.approx(0.3, abs=0.01) for d in densities), densities
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["vit_small_patch16_18x2_224", "vit_dpwee_patch16_reg1_gap_256", "eva02_tiny_patch14_224"],
+)
+def test_pruned_heads_are_priced_alike_compacted_or_masked(name: str) -> None:
+    """Heads pruned in parallel blocks (two attentions, or heads beside the MLP in one
+    in_proj) and in separate q/k/v count as pruned, whether compaction removed them or their
+    rows are zero at full size: the same heads kept and the same MACs and parameters."""
+    from sparsekit.surgery.layouts import head_groups
+
+    spec = ModelSpec(name, {"img_size": 32, "depth": 2, "num_classes": 10, "embed_dim": 96})
+    if name.startswith("eva02"):
+        spec = ModelSpec(name, {**spec.kwargs, "patch_size": 8, "qkv_fused": False})
+    torch.manual_seed(0)
+    dense = create_model(spec).eval()
+    units = {}
+    for i, group in enumerate(head_groups(dense)):
+        keep = torch.ones(group.units, dtype=torch.bool)
+        keep[: 1 + i % 2] = False  # the branches of a block keep unalike
+        units[group.name] = keep
+    dropped = sum(int((~k).sum()) for k in units.values())
+    state = dense.state_dict()
+    compacted, masked = (baked_model(spec, state, {}, units, compact=c) for c in (True, False))
+    base = paper_model_cost(dense, dense)
+    for pruned in (compacted, masked):
+        cost = paper_model_cost(pruned, dense)
+        assert sum(b.heads for b in cost.blocks) == sum(b.heads for b in base.blocks) - dropped
+    cost, again = paper_model_cost(compacted, dense), paper_model_cost(masked, dense)
+    assert (cost.macs, cost.params) == (again.macs, again.params)

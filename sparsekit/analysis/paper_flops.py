@@ -29,9 +29,11 @@ import torch
 from torch import nn
 
 from sparsekit.analysis.cost import block_tokens, tokens_of
+from sparsekit.errors import SparsekitError
 from sparsekit.surgery.geometry import patch_count, patch_embedding
-from sparsekit.surgery.layouts import attention_shape, block_shape
+from sparsekit.surgery.layouts import block_shape, head_groups
 from sparsekit.surgery.tokens import selection_of
+from sparsekit.surgery.units import UnitGroup
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,12 @@ def paper_layout(model: nn.Module, dense: nn.Module) -> PaperLayout:
     """The paper's inputs read from `model` (a compacted or a masked timm ViT, with its token
     selectors) and `dense`, the same architecture unpruned (the head layout before pruning)."""
     tokens = block_tokens(model)
+    heads = _head_groups_by_block(model)
     blocks = [
-        _block_layout(block, dense_block, n)
-        for block, dense_block, n in zip(model.blocks, dense.blocks, tokens, strict=True)
+        _block_layout(block, dense_block, n, heads.get(i, []))
+        for i, (block, dense_block, n) in enumerate(
+            zip(model.blocks, dense.blocks, tokens, strict=True)
+        )
     ]
     proj = patch_embedding(model).proj
     patch_embed = _nonzero(proj.weight) if isinstance(proj, nn.Conv2d) else 0
@@ -131,29 +136,42 @@ def paper_model_cost(model: nn.Module, dense: nn.Module) -> PaperCost:
     return paper_cost(paper_layout(model, dense))
 
 
-def _block_layout(block: nn.Module, dense_block: nn.Module, tokens: int) -> PaperBlockLayout:
+def _block_layout(
+    block: nn.Module, dense_block: nn.Module, tokens: int, groups: list[UnitGroup]
+) -> PaperBlockLayout:
+    """One block's inputs; `groups` are its attentions' head groups (two in a block with
+    parallel attentions), none where sparsekit prunes no head of the model."""
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     heads, head_dim, _ = block_shape(dense_block)
-    attn = getattr(block, "attn", None)  # a parallel block has none, and prunes no head
+    live = sum(_live_heads(g, head_dim) for g in groups) if groups else heads
     return PaperBlockLayout(
         tokens=tokens,
         heads=heads,
         head_dim=head_dim,
-        pruned_heads=heads - (_live_heads(attn) if attn is not None else heads),
+        pruned_heads=heads - live,
         linear_nonzero=sum(_nonzero(m.weight) for m in linears),
-        proj_out=attn.proj.out_features if attn is not None else 0,
+        proj_out=groups[0].consumer.out_features if groups else 0,
     )
 
 
-def _live_heads(attn: nn.Module) -> int:
-    """Heads of `attn` with any non-zero q, k or v weight: a head masked at full size (all its
-    rows zero) is as pruned as one compaction removed."""
-    qkv = getattr(attn, "qkv", None)
-    if not isinstance(qkv, nn.Linear):
-        return attn.num_heads
-    heads, head_dim = attention_shape(attn)
-    rows = qkv.weight.reshape(3, heads, head_dim, -1)
-    return int(rows.ne(0).any(dim=(0, 2, 3)).sum())
+def _head_groups_by_block(model: nn.Module) -> dict[int, list[UnitGroup]]:
+    """The model's head groups by block index; none for a model whose heads sparsekit cannot
+    prune (`layouts` refuses them), which then prunes no head."""
+    try:
+        groups = head_groups(model)
+    except SparsekitError:
+        return {}
+    by_block: dict[int, list[UnitGroup]] = {}
+    for group in groups:  # "blocks.3.attn", "blocks.3.attns.1.attn"
+        by_block.setdefault(int(group.name.split(".")[1]), []).append(group)
+    return by_block
+
+
+def _live_heads(group: UnitGroup, head_dim: int) -> int:
+    """Heads of `group` with any non-zero q, k or v weight: a head masked at full size (all its
+    rows zero) is as pruned as one compaction removed. A unit of grouped-query attention is
+    its query heads (`group.width` of `head_dim`)."""
+    return int(group.live_rows(biases=False).sum()) * group.width // head_dim
 
 
 def _scorer_macs(model: nn.Module, tokens: list[int]) -> int:

@@ -25,13 +25,7 @@ def zeroed_units(groups: list[UnitGroup]) -> dict[str, torch.Tensor]:
     whole, since gating all of it off is never what a model holds."""
     keeps: dict[str, torch.Tensor] = {}
     for g in groups:
-        alive = torch.zeros(g.units, dtype=torch.bool)
-        for producer in g.rows:
-            linear, span = producer.linear, g.row_span(producer)
-            rows = linear.weight[span].ne(0).any(1)
-            if linear.bias is not None:
-                rows |= linear.bias[span].ne(0)
-            alive |= rows.view(producer.chunks, g.units, g.width).any(2).any(0).cpu()
+        alive = g.live_rows()
         columns = g.consumer.weight[:, g.column_span()]
         alive |= columns.ne(0).any(0).view(g.units, g.width).any(1).cpu()
         for t in g.tensors:

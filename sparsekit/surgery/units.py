@@ -94,6 +94,18 @@ class UnitGroup:
         """All the consumer's input columns that belong to this group's units."""
         return slice(self.consumer_start, self.consumer_start + self.units * self.width)
 
+    def live_rows(self, biases: bool = True) -> torch.Tensor:
+        """Per unit (on the CPU), whether any of its producer rows holds a non-zero weight (or,
+        with `biases`, a non-zero bias)."""
+        alive = torch.zeros(self.units, dtype=torch.bool)
+        for producer in self.rows:
+            linear, span = producer.linear, self.row_span(producer)
+            rows = linear.weight[span].ne(0).any(1)
+            if biases and linear.bias is not None:
+                rows |= linear.bias[span].ne(0)
+            alive |= rows.view(producer.chunks, self.units, self.width).any(2).any(0).cpu()
+        return alive
+
     def index(self, selected: torch.Tensor, chunks: int, width: int) -> torch.Tensor:
         """Positions along a unit-laid-out axis (`chunks` unit-major chunks of `width` entries
         per unit) that belong to the selected units, in order."""
