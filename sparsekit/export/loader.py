@@ -23,7 +23,7 @@ from sparsekit.export.manifest import (
 from sparsekit.export.sparse_storage import unpack
 from sparsekit.models import ModelSpec, create_model
 from sparsekit.surgery.compact import shrink_, unit_groups
-from sparsekit.surgery.layouts import block_shape, branch_shapes
+from sparsekit.surgery.layouts import block_shape, branch_shapes, group_names
 from sparsekit.surgery.tokens import Placement, TokenSelection
 
 
@@ -133,13 +133,7 @@ def _parts(path, i: int, shape: BlockShape, block: nn.Module, whole: tuple[int, 
                 f"{path}: block {i} lists parallel branches in the manifest, but it has none in "
                 "the model its manifest describes; the file is inconsistent."
             )
-        return [
-            (
-                (f"blocks.{i}.attn", f"blocks.{i}.mlp"),
-                (shape.heads, shape.mlp_hidden),
-                (heads, hidden),
-            )
-        ]
+        return [(group_names(i, block)[0], (shape.heads, shape.mlp_hidden), (heads, hidden))]
     kept = [(b.heads, b.mlp_hidden) for b in shape.branches or []]
     if shape.branches is None and (shape.heads, shape.mlp_hidden) == (heads, hidden):
         kept = full  # every unit kept (an export that predates per-branch counts)
@@ -153,8 +147,7 @@ def _parts(path, i: int, shape: BlockShape, block: nn.Module, whole: tuple[int, 
             f"but its manifest says {kept} for a block total of {shape.heads} heads and "
             f"{shape.mlp_hidden} neurons; the file is inconsistent."
         )
-    names = [(f"blocks.{i}.attns.{j}.attn", f"blocks.{i}.ffns.{j}.mlp") for j in range(len(full))]
-    return list(zip(names, kept, full, strict=True))
+    return list(zip(group_names(i, block), kept, full, strict=True))
 
 
 def _head_units(path, model: nn.Module, kept: dict[str, tuple[int, int]]) -> dict[str, int]:

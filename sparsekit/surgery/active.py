@@ -19,6 +19,7 @@ from torch import nn
 
 from sparsekit.errors import SparsekitError
 from sparsekit.surgery.edits import Edit, ModelEdits
+from sparsekit.surgery.layouts import is_scaling_block
 from sparsekit.surgery.units import UnitGate, UnitGroup
 
 # The classes whose forward `_attention_forward` and `_mlp_forward` reproduce on kept units.
@@ -100,7 +101,7 @@ class ActiveForward:
             by_module.setdefault(id(g.module), []).append(g)
         for groups in by_module.values():
             module = groups[0].module
-            if hasattr(module, "in_split"):
+            if is_scaling_block(module):
                 make = _scaling_forward(groups, self._index, self.gates)
             elif groups[0].kind == "heads":
                 make = _attention_forward(groups[0], self._index, self.gates[groups[0].name])

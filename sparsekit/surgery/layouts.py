@@ -38,19 +38,27 @@ def neuron_groups(model: nn.Module) -> list[UnitGroup]:
     return [neuron_group(n, part) for n, part in _parts(model, "mlp")]
 
 
+def group_names(i: int, block: nn.Module) -> list[tuple[str, str]]:
+    """(head group, neuron group) names of each attention and MLP pair of block `i`: the
+    block's own ("blocks.3.attn", "blocks.3.mlp"), or one pair per branch of a
+    `ParallelThingsBlock` ("blocks.3.attns.0.attn", "blocks.3.ffns.0.mlp"). A
+    `ParallelScalingBlock` holds its units itself and keeps the block's names."""
+    if hasattr(block, "attns"):
+        branches = range(len(block.attns))
+        return [(f"blocks.{i}.attns.{j}.attn", f"blocks.{i}.ffns.{j}.mlp") for j in branches]
+    return [(f"blocks.{i}.attn", f"blocks.{i}.mlp")]
+
+
 def _parts(model: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
-    """(group name, the module holding its `attn` or `mlp`) for every attention or MLP of the
-    model: the block itself ("blocks.3.attn"), or each branch of a `ParallelThingsBlock`
-    ("blocks.3.attns.0.attn", "blocks.3.ffns.1.mlp"). A `ParallelScalingBlock` holds its
-    units itself and keeps the block's names."""
+    """(group name, the module holding its `attn` or `mlp`) for every attention (`kind`
+    "attn") or MLP ("mlp") of the model, named by `group_names`."""
+    side = 0 if kind == "attn" else 1
     parts = []
     for i, block in enumerate(_blocks(model)):
-        if hasattr(block, "attns"):
-            branches = block.attns if kind == "attn" else block.ffns
-            field = "attns" if kind == "attn" else "ffns"
-            parts += [(f"blocks.{i}.{field}.{j}.{kind}", b) for j, b in enumerate(branches)]
-        else:
-            parts.append((f"blocks.{i}.{kind}", block))
+        branches = hasattr(block, "attns")
+        holders = list(zip(block.attns, block.ffns, strict=True)) if branches else [(block,) * 2]
+        for names, modules in zip(group_names(i, block), holders, strict=True):
+            parts.append((names[side], modules[side]))
     return parts
 
 
@@ -78,7 +86,7 @@ def head_group(model: nn.Module, name: str, block: nn.Module) -> UnitGroup:
         SparsekitError: the attention class is unknown, or its heads cannot be removed exactly
             (normalized together, shared keys and values, per-head tables shared by blocks).
     """
-    if _scaling(block):
+    if is_scaling_block(block):
         return _scaling_heads(name, block)
     attn = getattr(block, "attn", None)
     layout = _HEAD_LAYOUTS.get(_qualname(attn))
@@ -104,7 +112,7 @@ def neuron_group(name: str, block: nn.Module) -> UnitGroup:
     Raises:
         SparsekitError: an MLP of another kind, or one that normalizes across its hidden layer.
     """
-    if _scaling(block):
+    if is_scaling_block(block):
         return _scaling_neurons(name, block)
     mlp = getattr(block, "mlp", None)
     kind = _qualname(mlp)
@@ -128,8 +136,9 @@ def neuron_group(name: str, block: nn.Module) -> UnitGroup:
     return UnitGroup(name, "neurons", mlp, mlp.fc2.in_features, 1, producers, mlp.fc2)
 
 
-def _scaling(block: nn.Module) -> bool:
-    """Whether `block` is a parallel scaling block, which holds its heads and neurons itself."""
+def is_scaling_block(block: nn.Module) -> bool:
+    """Whether `block` is a parallel scaling block (`ParallelScalingBlock` or
+    `DiffParallelScalingBlock`, compacted or not), which holds its heads and neurons itself."""
     return parallel_kind(block) in ("ParallelScalingBlock", "DiffParallelScalingBlock")
 
 
@@ -433,7 +442,7 @@ def block_shape(block: nn.Module) -> tuple[int, int, int]:
         shapes = [attention_shape(branch.attn) for branch in block.attns]
         hidden = sum(mlp_width(branch.mlp) for branch in block.ffns)
         return sum(h for h, _ in shapes), shapes[0][1], hidden
-    if hasattr(block, "in_split"):  # ParallelScalingBlock: [mlp hidden, q, k, v] in in_proj
+    if is_scaling_block(block):  # [mlp hidden, q, k, v] in in_proj
         hidden, width = block.in_split[0], block.in_split[1]
         return block.num_heads, width // block.num_heads, hidden
     heads, width = attention_shape(block.attn)
